@@ -1,0 +1,310 @@
+"""
+The networks of DSeq-JEPA (and I-JEPA): a ViT encoder and a narrow ViT predictor, both driven by
+one attention rule over token *levels*.
+
+Reading guide (DSeq-JEPA, arXiv 2511.17354; I-JEPA, arXiv 2301.08243):
+  - context encoder f  = VisionTransformer, trained, sees only context patches
+  - target encoder f_bar = an EMA copy of f (train.py), sees the whole image
+  - predictor g        = Predictor, maps context outputs + positional mask tokens to predictions
+  - level_mask         = the one rule that turns a plan (masking.py) into attention masks
+
+The level rule (DESIGN.md). Every token has a level (1, 2, ...; 0 = padding) and targets a group:
+  - a context token of level l attends to context tokens of level <= l   (block-causal, GPT-style)
+  - a target token of level l, group g attends to context tokens of level < l
+    and to target tokens of its own group g
+I-JEPA is "context = level 1, target block m = level 2 / group m". DSeq-JEPA's Eq. 5,
+s_{R_{k+1}} = g(p_{R_{k+1}}, h_{R_1}, ..., h_{R_k}), is "region R_k = context level k and
+target level k / group k", which gives every step of the sequence in ONE encoder + ONE predictor
+pass. The encoder never needs to know which method is running.
+
+Notation in comments: B batch (or plan rows), P = h*w patches, L tokens in a sequence,
+D encoder width, Dp predictor width, H heads.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# The level rule
+
+
+def level_mask(levels, groups, is_target):
+    """Boolean self-attention mask of the level rule.
+
+    levels:    (B, L) int64, level >= 1 of each token, 0 = padding
+    groups:    (B, L) int64, group of each target token (ignored for context tokens)
+    is_target: (B, L) bool, True for target (mask) tokens, False for context tokens
+    returns:   (B, L, L) bool, [b, i, j] True = token i may attend to token j
+
+    Padding keys are never attended to. A padding query attends only to itself, so that no row
+    of the softmax is empty (an all-False row would give NaN); its output is never read.
+    """
+    lq, lk = levels[:, :, None], levels[:, None, :]  # (B, L, 1), (B, 1, L)
+    tq, tk = is_target[:, :, None], is_target[:, None, :]  # (B, L, 1), (B, 1, L)
+    same_group = groups[:, :, None] == groups[:, None, :]  # (B, L, L)
+    context_query = ~tk & (lk <= lq)  # context sees context of its own or earlier levels
+    target_query = (~tk & (lk < lq)) | (tk & same_group)  # target sees earlier context + own group
+    allowed = torch.where(tq, target_query, context_query) & (lk > 0) & (lq > 0)  # (B, L, L)
+    eye = torch.eye(levels.shape[1], dtype=torch.bool, device=levels.device)  # (L, L)
+    return allowed | eye
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos positional embedding
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos positional table, (P, dim) float32, P = h*w in raster order.
+
+    The first dim/2 channels encode the patch row, the last dim/2 the column; each half is
+    [sin(pos * omega_k), cos(pos * omega_k)] with omega_k = 1 / 10000^(k / (dim/4)), k < dim/4.
+    Works for any grid h x w (not only square). dim must be divisible by 4.
+    """
+    h, w = grid
+    if dim % 4 != 0:
+        raise ValueError(f"embedding width {dim} must be divisible by 4 for 2-D sin-cos positions")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")  # (h, w) each
+
+    def encode(pos):  # (P,) -> (P, dim/2)
+        angles = pos[:, None] * omega[None, :]  # (P, dim/4)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(rows.reshape(-1)), encode(cols.reshape(-1))], axis=1)  # (P, dim)
+    return torch.from_numpy(table).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer parts
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        """x: (B, L, C); mask: (B, L, L) bool or None (everything attends to everything)."""
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads)  # (B, L, 3, H, C/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, C/H)
+        attn_mask = None if mask is None else mask[:, None]  # (B, 1, L, L), broadcast over heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, C/H)
+        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module, blocks):
+    """I-JEPA-style init: trunc-normal(0.02) weights, zero biases, unit LayerNorms, and every
+    residual output projection scaled by 1/sqrt(2 * layer) so deep stacks start near identity."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for layer, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder (context encoder f and target encoder f_bar)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with a learnable [CLS] token whose only job is to define saliency.
+
+    img_size, patch_size: int or (H, W); the grid is (H / patch, W / patch) = (h, w).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0):
+        super().__init__()
+        (H, W), (ph, pw) = _pair(img_size), _pair(patch_size)
+        if H % ph or W % pw:
+            raise ValueError(f"image size {(H, W)} is not divisible by the patch size {(ph, pw)}")
+        self.grid = (H // ph, W // pw)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        # --- patch embedding: one linear map per non-overlapping patch, written as a strided conv
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=(ph, pw), stride=(ph, pw))
+        # --- fixed positions (not learned, as I-JEPA); the CLS token gets none
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid)[None], persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # --- transformer
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        init_weights(self, self.blocks)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def embed(self, x, idx=None):
+        """Patch tokens with positions, optionally only those at idx; CLS prepended.
+
+        x: (B, 3, H, W); idx: (B, L) patch indices or None (all P)
+        returns (B, 1 + L, D)
+        """
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, P, D)
+        t = t + self.pos_embed
+        if idx is not None:  # token dropping: the context encoder only sees context patches
+            t = t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))  # (B, L, D)
+        cls = self.cls_token.expand(t.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, t], dim=1)  # (B, 1 + L, D)
+
+    def forward(self, x, idx=None, levels=None):
+        """Context encoder pass.
+
+        x: (B, 3, H, W) images; idx: (B, L) context patch indices (None = all patches);
+        levels: (B, L) levels of those tokens under the level rule, 0 = padding (None = everything
+        visible to everything, the plain ViT).
+        returns (B, L, D) patch outputs after the final LayerNorm, CLS stripped.
+        """
+        t = self.embed(x, idx)  # (B, 1 + L, D)
+        mask = None
+        if levels is not None:
+            # CLS is a level-1 context token: later regions cannot leak into level 1 through it.
+            cls_level = torch.ones_like(levels[:, :1])  # (B, 1)
+            lv = torch.cat([cls_level, levels], dim=1)  # (B, 1 + L)
+            no_group = torch.zeros_like(lv)
+            mask = level_mask(lv, no_group, torch.zeros_like(lv, dtype=torch.bool))  # (B, 1+L, 1+L)
+        for block in self.blocks:
+            t = block(t, mask)
+        return self.norm(t)[:, 1:]  # (B, L, D)
+
+    def features(self, x, layers=(-1,)):
+        """Full-image outputs of chosen blocks, each passed through the final LayerNorm.
+
+        Used by the target encoder (block -2 for saliency, -1 for the regression targets) and by
+        evaluation ("last" and "concat of the last 4").
+        x: (B, 3, H, W); layers: block indices (negative counts from the end)
+        returns list of (B, P, D), CLS stripped, in the order of `layers`
+        """
+        wanted = [l % self.depth for l in layers]
+        t, out = self.embed(x), {}  # (B, 1 + P, D)
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            t = block(t)
+            if i in wanted:
+                out[i] = self.norm(t)[:, 1:]  # (B, P, D)
+        return [out[i] for i in wanted]
+
+
+# ----------------------------------------------------------------------------------------------
+# Predictor g
+
+
+class Predictor(nn.Module):
+    """Narrow ViT that predicts target-encoder features at target positions.
+
+    Context encodings are projected to the predictor width and given their positions; each target
+    token is the ONE learnable mask token plus the position of the patch it must predict. Both run
+    through the blocks together under the level rule, so each target sees exactly the context its
+    plan allows (and the other tokens of its own group, never other groups).
+    """
+
+    def __init__(self, grid, embed_dim=768, pred_dim=384, depth=6, num_heads=12, mlp_ratio=4.0):
+        super().__init__()
+        self.embed_dim, self.pred_dim = embed_dim, pred_dim
+        self.predictor_embed = nn.Linear(embed_dim, pred_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(pred_dim, tuple(grid))[None], persistent=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
+        self.blocks = nn.ModuleList([Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(pred_dim, embed_dim)
+        init_weights(self, self.blocks)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, ctx, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp):
+        """
+        ctx: (R, Lc, D) context-encoder outputs; ctx_idx, ctx_lvl: (R, Lc) their patch indices
+        and levels; tgt_idx, tgt_lvl, tgt_grp: (R, Lt) target patch indices, levels, groups
+        (level 0 = padding, as everywhere).
+        returns (R, Lt, D) one prediction per target token.
+        """
+        R, Lc = ctx_idx.shape
+        pos = self.pos_embed[0]  # (P, Dp)
+        c = self.predictor_embed(ctx) + pos[ctx_idx]  # (R, Lc, Dp)
+        t = self.mask_token + pos[tgt_idx]  # (R, Lt, Dp)
+        x = torch.cat([c, t], dim=1)  # (R, Lc + Lt, Dp)
+        levels = torch.cat([ctx_lvl, tgt_lvl], dim=1)  # (R, Lc + Lt)
+        groups = torch.cat([torch.zeros_like(ctx_lvl), tgt_grp], dim=1)  # (R, Lc + Lt)
+        is_target = torch.cat([torch.zeros_like(ctx_lvl, dtype=torch.bool),
+                               torch.ones_like(tgt_lvl, dtype=torch.bool)], dim=1)  # (R, Lc + Lt)
+        mask = level_mask(levels, groups, is_target)  # (R, Lc + Lt, Lc + Lt)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.predictor_proj(self.norm(x[:, Lc:]))  # (R, Lt, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes. Standard ViT shapes (width, depth, heads); micro is ours, for CPU tests and the demo.
+
+SIZES = {
+    "micro": (96, 6, 4),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def vit(size, **kwargs):
+    """Encoder of a named size, e.g. vit("base", img_size=224, patch_size=16)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    width, depth, heads = SIZES[size]
+    return VisionTransformer(embed_dim=width, depth=depth, num_heads=heads, **kwargs)
+
+
+def vit_micro(**kw): return vit("micro", **kw)
+def vit_tiny(**kw): return vit("tiny", **kw)
+def vit_small(**kw): return vit("small", **kw)
+def vit_base(**kw): return vit("base", **kw)
+def vit_large(**kw): return vit("large", **kw)
+def vit_huge(**kw): return vit("huge", **kw)
+
+
+def predictor_for(encoder, pred_dim=384, depth=6, num_heads=None):
+    """Predictor matched to an encoder's grid and width; heads default to the encoder's (I-JEPA)."""
+    num_heads = num_heads or encoder.num_heads
+    return Predictor(encoder.grid, encoder.embed_dim, pred_dim, depth, num_heads)

@@ -1,0 +1,378 @@
+"""Masks and prediction plans: I-JEPA multi-block masks, DSeq-JEPA region plans, the lambda mix.
+
+Read next to PAPER.md (the method) and DESIGN.md (levels). A JEPA step is a *plan*: which
+patches the context encoder sees, which patches the predictor predicts, and who may look at whom.
+Every plan here is written in one currency, the level rule of model.level_mask, so the encoder
+and the predictor never need to know which method produced it.
+
+Internally a plan is first built as dense per-patch maps, one row per plan row:
+    ctx  (C, P)     level of each patch as a context token, 0 = not context
+    tlvl (C, S, P)  level of each patch as a target token in slot s, 0 = not a target there
+    tgrp (C, S, P)  group of that target token
+A patch can be a target in several slots (I-JEPA blocks overlap; S = M blocks), at most once as
+context. `_pack` turns the maps into the padded index lists of the Plan with one host sync.
+
+Host syncs (reading a number on the CPU): `_pack` reads the row count and the two widths once per
+plan; `_region_levels` reads `regions.max()` once when the caller does not pass num_regions.
+Nothing else waits for the device: no per-image Python loop, no data-dependent shapes elsewhere.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+_BIG = 2**62  # sort key of an absent token: after every real one
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """One step's plan as padded batch tensors, all on one device (R rows; R = B except replicate).
+
+    The level rule (model.level_mask): a context token of level l attends context tokens of level
+    <= l; a target token of level l and group g attends context tokens of level < l and the target
+    tokens of its own group g. Level 0 marks padding, which is neither attended to nor scored.
+
+    sample    (R,)     int64  image of each row
+    ctx_idx   (R, Lc)  int64  patch index (row * w + col) of each context token; 0 at padding
+    ctx_lvl   (R, Lc)  int64  level >= 1 of each context token; 0 = padding
+    tgt_idx   (R, Lt)  int64  patch index of each target token; a patch may appear in two groups
+    tgt_lvl   (R, Lt)  int64  level >= 2 of each target token; 0 = padding
+    tgt_grp   (R, Lt)  int64  group >= 1 of each target token; 0 = padding
+    dseq      (B,)     bool   sample follows its discriminative (DSeq) plan, else I-JEPA blocks
+    n_regions (B,)     int64  non-empty regions of the sample (ranked + background), whether or not
+                              the lambda coin used them: the region extractor's statistic to log
+    Tokens of a row are sorted by level, then group, then patch (raster); padding comes last.
+    """
+
+    sample: torch.Tensor
+    ctx_idx: torch.Tensor
+    ctx_lvl: torch.Tensor
+    tgt_idx: torch.Tensor
+    tgt_lvl: torch.Tensor
+    tgt_grp: torch.Tensor
+    dseq: torch.Tensor
+    n_regions: torch.Tensor
+
+    def to(self, device):  # e.g. a plan built on the CPU for a CUDA step
+        return Plan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _first_tokens(key, count, width):
+    """Columns of the `width` smallest keys per row, ascending, and which of them are real.
+
+    key (C, K) int64 (absent tokens = _BIG), count (C,) real tokens per row -> (C, width) each."""
+    order = key.argsort(dim=1)[:, :width]  # (C, min(width, K))
+    order = F.pad(order, (0, width - order.shape[1]))  # (C, width): columns past K point at 0
+    valid = torch.arange(width, device=key.device) < count[:, None]  # (C, width)
+    return order, valid
+
+
+def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row_key=None):
+    """Dense maps ctx (C, P), tlvl / tgrp (C, S, P) -> Plan of the rows where keep (C,) is True,
+    ordered by row_key (C,). Widths are the longest kept row rounded up to pad_multiple, so that
+    torch.compile sees few distinct shapes. The one host sync of a plan is here."""
+    C, S, P = tlvl.shape
+    n_ctx = (ctx > 0).sum(1)  # (C,)
+    n_tgt = (tlvl > 0).flatten(1).sum(1)  # (C,)
+    keep = torch.ones(C, dtype=torch.bool, device=ctx.device) if keep is None else keep  # (C,)
+    # Host sync: the padded shapes depend on the data. The padded 0 makes C = 0 rows legal.
+    widths = [F.pad(n * keep, (0, 1)).max() for n in (n_ctx, n_tgt)]
+    R, Lc, Lt = torch.stack([keep.sum()] + widths).tolist()
+    if row_key is not None:  # replicate mode: keep R of the C candidate rows, in row_key order
+        rows = torch.where(keep, row_key, _BIG).argsort()[:R]  # (R,)
+        sample, ctx, tlvl, tgrp = sample[rows], ctx[rows], tlvl[rows], tgrp[rows]
+        n_ctx, n_tgt = n_ctx[rows], n_tgt[rows]
+    # Round the widths up to a multiple (never 0 columns, so no tensor is empty).
+    Lc, Lt = (max(1, -(-n // pad_multiple)) * pad_multiple for n in (Lc, Lt))
+
+    # Context tokens: key = level-major, raster within a level (the causal mask is then
+    # block-lower-triangular, easy to eyeball); absent patches sort last and become padding.
+    patch = torch.arange(P, device=ctx.device)
+    key = torch.where(ctx > 0, ctx * P + patch, _BIG)  # (R, P)
+    order, valid = _first_tokens(key, n_ctx, Lc)  # (R, Lc)
+    ctx_lvl = torch.where(valid, ctx.gather(1, order), 0)  # (R, Lc)
+    ctx_idx = torch.where(valid, order, 0)  # (R, Lc)
+
+    # Target tokens: the S slots of a row side by side; key = (level, group, slot, patch).
+    tlvl, tgrp = tlvl.flatten(1), tgrp.flatten(1)  # (R, S*P)
+    span = max(S, P) + 1  # exceeds every level and group value, so the key is lexicographic
+    slot_patch = torch.arange(S * P, device=ctx.device)  # (S*P,) = slot * P + patch
+    key = torch.where(tlvl > 0, (tlvl * span + tgrp) * (S * P) + slot_patch, _BIG)  # (R, S*P)
+    order, valid = _first_tokens(key, n_tgt, Lt)  # (R, Lt)
+    tgt_lvl = torch.where(valid, tlvl.gather(1, order), 0)  # (R, Lt)
+    tgt_grp = torch.where(valid, tgrp.gather(1, order), 0)  # (R, Lt)
+    tgt_idx = torch.where(valid, order % P, 0)  # (R, Lt) slot * P + patch -> patch
+    return Plan(sample, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp, dseq, n_regions)
+
+
+# ----------------------------------------------------------------------------------------------
+# I-JEPA multi-block masks (Assran et al. 2023, Sec. 3; PAPER.md "I-JEPA")
+
+
+def _rand(shape, generator, device):
+    """U[0, 1) from `generator` (drawn on the generator's device, then moved): the generator is the
+    only source of randomness, so the same seed gives the same masks on any training device."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def _block_size(u, scale, aspect, grid, leave_one):
+    """Block height and width (0-dim int64 tensors) from two uniforms u (2,), as I-JEPA:
+    keep = floor(P * s) patches with s ~ U(scale), aspect h / w ~ U(aspect)."""
+    H, W = grid
+    s = scale[0] + u[0] * (scale[1] - scale[0])
+    ar = aspect[0] + u[1] * (aspect[1] - aspect[0])
+    keep = torch.floor(H * W * s)
+    # The official code forces h < H and w < W (no full-height block); a full grid is allowed here.
+    h = torch.round(torch.sqrt(keep * ar)).long().clamp(1, H)
+    w = torch.round(torch.sqrt(keep / ar)).long().clamp(1, W)
+    if leave_one:  # a target block never covers the whole grid: the fallback below needs one patch
+        full = ((h == H) & (w == W)).long()
+        h, w = (h, w - full) if W > 1 else (h - full, w)
+    return h, w
+
+
+def sample_multiblock(batch_size, grid, generator=None, device="cpu", n_targets=4,
+                      target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                      context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0),
+                      min_context=4, max_tries=8):
+    """I-JEPA multi-block masks: M target blocks and one context block per image, the targets cut
+    out of the context (targets may overlap each other).
+
+    grid (h, w); returns context (B, P) bool and targets (B, M, P) bool, P = h*w, on `device`.
+
+    Block size: one target size and one context size per batch, as the official sampler. Then every
+    image's target rows have the same length (no target padding) and the distribution of masks
+    matches the official one, minus its faults: here each block's top-left corner is uniform over
+    ALL valid positions (last row / column reachable, context not pinned to the top-left), a
+    context may span the whole grid, and nothing is truncated to the batch minimum (plans pad).
+
+    Retries, bounded and vectorised: `max_tries` placements are drawn for every image at once; an
+    image takes the first whose context keeps >= min_context patches, else the placement with the
+    largest context. If even that context is empty (only possible on tiny grids), the fallback
+    keeps target block 1 alone and makes every other patch context. A target block never covers
+    the whole grid, so every image ends with >= 1 context patch and >= 1 target patch.
+    No host sync; randomness only from `generator`.
+    """
+    H, W = grid
+    B, M, T, P = batch_size, n_targets, max_tries, grid[0] * grid[1]
+    if P < 2 or M < 1 or T < 1:
+        raise ValueError(f"need a grid of >= 2 patches (got {grid}), n_targets >= 1 (got {M}) and "
+                         f"max_tries >= 1 (got {T})")
+
+    # 1. One block size per batch for the targets and one for the context.
+    th, tw = _block_size(_rand(2, generator, device), target_scale, target_aspect, grid, True)
+    ch, cw = _block_size(_rand(2, generator, device), context_scale, context_aspect, grid, False)
+    bh = torch.stack([th] * M + [ch])  # (M+1,) heights: M targets, then the context
+    bw = torch.stack([tw] * M + [cw])  # (M+1,)
+
+    # 2. T candidate placements per image: top in 0..H-h and left in 0..W-w, both inclusive.
+    u = _rand((B, T, M + 1, 2), generator, device)  # (B, T, M+1, 2)
+    top = (u[..., 0] * (H - bh + 1)).long()  # (B, T, M+1)
+    left = (u[..., 1] * (W - bw + 1)).long()  # (B, T, M+1)
+    r = torch.arange(H, device=device)
+    c = torch.arange(W, device=device)
+    in_rows = (r >= top[..., None]) & (r < (top + bh)[..., None])  # (B, T, M+1, H)
+    in_cols = (c >= left[..., None]) & (c < (left + bw)[..., None])  # (B, T, M+1, W)
+    blocks = (in_rows[..., :, None] & in_cols[..., None, :]).flatten(-2)  # (B, T, M+1, P)
+    targets = blocks[:, :, :M]  # (B, T, M, P)
+    context = blocks[:, :, M] & ~targets.any(2)  # (B, T, P) the targets are cut out of the context
+
+    # 3. Pick per image: argmax returns the FIRST maximum, so clamping the context size at
+    # min_context makes it "the first good try, else the first try with the largest context".
+    score = context.sum(-1).clamp(max=min_context)  # (B, T)
+    pick = score.argmax(1)  # (B,)
+    b = torch.arange(B, device=device)
+    context, targets = context[b, pick], targets[b, pick]  # (B, P), (B, M, P)
+
+    # 4. Fallback for an empty context: target block 1 alone, everything else is context.
+    empty = ~context.any(1)  # (B,)
+    context = torch.where(empty[:, None], ~targets[:, 0], context)  # (B, P)
+    later = torch.arange(M, device=device) > 0  # (M,) blocks 2..M
+    targets = targets & ~(empty[:, None, None] & later[None, :, None])  # (B, M, P)
+    return context, targets
+
+
+def ijepa_plan(context_mask, target_masks, *, pad_multiple=1):
+    """I-JEPA plan: context tokens level 1; target block m (m = 1..M) level 2, group m, so each
+    block is predicted from the context alone (a patch in two blocks appears twice).
+
+    context_mask (B, P) bool, target_masks (B, M, P) bool -> Plan with R = B rows."""
+    ctx, tlvl, tgrp = _ijepa_maps(context_mask, target_masks)
+    none = torch.zeros(ctx.shape[0], dtype=torch.long, device=ctx.device)  # (B,) no DSeq plans
+    return _pack(torch.arange(len(none), device=ctx.device), ctx, tlvl, tgrp, none.bool(), none,
+                 pad_multiple)
+
+
+def _ijepa_maps(context_mask, target_masks):
+    M = target_masks.shape[1]
+    group = torch.arange(1, M + 1, device=target_masks.device)[None, :, None]  # (1, M, 1)
+    return context_mask.long(), 2 * target_masks.long(), group * target_masks  # (B,P), (B,M,P) x2
+
+
+# ----------------------------------------------------------------------------------------------
+# DSeq-JEPA plans from ranked regions (PAPER.md steps 6-8, Eq. 5)
+
+
+def _region_levels(regions, order, generator, num_regions):
+    """Rank the regions of each sample and compact empty ranks.
+
+    regions (B, P) int64: 1..N-1 ranked R_k, N background, 0 = in no region (ignored).
+    Returns lvl (B, P): the position 1..L of the patch's region in the prediction order (0 for
+    patches in no region), L (B,) non-empty regions per sample, and N.
+    The order ablations permute only the ranked regions; the background R_N always comes last,
+    because it is the leftover of the image, not a region one could rank (Eq. 5's last target).
+    """
+    B, P = regions.shape
+    N = int(regions.max()) if num_regions is None else num_regions  # host sync when not given
+    v = torch.arange(N + 1, device=regions.device)  # (V,) region values 0..N
+    present = torch.zeros(B, N + 1, dtype=torch.bool, device=regions.device)
+    present.scatter_(1, regions, True)  # (B, V) value occurs in the sample
+    present[:, 0] = False  # 0 = patch in no region
+
+    # Sort key of every ranked value; the background is placed after all of them, absent last.
+    if order == "saliency":  # R_1 (most salient) first: the paper's order
+        key = v.expand(B, -1).float()  # (B, V)
+    elif order == "reverse":  # least salient ranked region first ("inverse" ablation)
+        key = -v.expand(B, -1).float()  # (B, V)
+    elif order == "raster":  # by the region's first patch in raster order ("spatial" ablation)
+        patch = torch.arange(P, device=regions.device).expand(B, -1)  # (B, P)
+        first = torch.full((B, N + 1), P, device=regions.device)  # (B, V)
+        key = first.scatter_reduce(1, regions, patch, reduce="amin").float()  # (B, V)
+    elif order == "random":  # an independent random permutation per sample
+        key = _rand((B, N + 1), generator, regions.device)  # (B, V)
+    else:
+        raise ValueError(f"unknown region order {order!r}: use saliency, random, reverse or raster")
+    key = torch.where(v == N, 1e9, key)  # background after every ranked region
+    key = torch.where(present, key, float("inf"))  # empty ranks after everything: compacted away
+    pos = torch.arange(1, N + 2, device=regions.device).expand(B, -1)  # (B, V)
+    lvl_of_value = torch.zeros_like(pos).scatter(1, key.argsort(1), pos) * present  # (B, V)
+    return lvl_of_value.gather(1, regions), present.sum(1), N  # (B, P), (B,), int
+
+
+def _dseq_maps(lvl, L, N, mode, prediction):
+    """Dense DSeq maps (sample, ctx, tlvl, tgrp, step) with one target slot, from compacted
+    levels lvl (B, P) and region counts L (B,). step is None for the one-row plans (causal,
+    flat) and the step k of each candidate row in replicate mode. Samples with L < 2 get no
+    tokens."""
+    if mode not in ("causal", "replicate") or prediction not in ("sequential", "flat"):
+        raise ValueError(f"unknown plan mode {mode!r} or prediction {prediction!r}: use mode "
+                         "causal or replicate, prediction sequential or flat")
+    B = lvl.shape[0]
+    b = torch.arange(B, device=lvl.device)
+    if prediction == "flat":  # R_1 is the context; R_2..R_L all predicted from it alone
+        ctx = (lvl == 1).long() * (L >= 2)[:, None]  # (B, P)
+        tlvl = 2 * (lvl >= 2).long()  # (B, P)
+        return b, ctx, tlvl[:, None], (lvl * (lvl >= 2))[:, None], None
+    if mode == "causal":  # one row: R_k is context of level k (k < L) and target level k (k >= 2)
+        ctx = lvl * (lvl <= L[:, None] - 1)  # (B, P) the last region is never context
+        tlvl = lvl * (lvl >= 2)  # (B, P) R_1 is never a target; group k = region k
+        return b, ctx, tlvl[:, None], tlvl[:, None], None
+    # replicate: row k = 1..N-1 has context R_1..R_k (all level 1) and target R_{k+1}
+    k = torch.arange(1, N, device=lvl.device)[None, :, None]  # (1, N-1, 1)
+    lv = lvl[:, None, :]  # (B, 1, P)
+    ctx = ((lv >= 1) & (lv <= k)).long()  # (B, N-1, P) all of R_1..R_k, not a lagged prefix
+    tgt = (lv == k + 1).long()  # (B, N-1, P)
+    step = k.flatten().expand(B, -1)  # (B, N-1)
+    return (b[:, None].expand(B, N - 1).flatten(), ctx.flatten(0, 1),  # (B*(N-1),), (B*(N-1), P)
+            2 * tgt.flatten(0, 1)[:, None], tgt.flatten(0, 1)[:, None], step.flatten())
+
+def dseq_plan(regions, mode="causal", order="saliency", prediction="sequential", generator=None,
+              *, num_regions=None, pad_multiple=1):
+    """DSeq-JEPA plan from ranked regions (Eq. 5): predict R_{k+1} from R_1..R_k, k = 1..L-1.
+
+    regions (B, P) int64: 1..N-1 ranked R_k, N background, 0 = in no region (ignored); empty ranks
+    are compacted per sample (levels 1..L, background last). num_regions = N (else regions.max(),
+    one host sync). order permutes the ranked regions, never the background (see _region_levels).
+      causal (default): one row per sample, R_k context level k and target level k group k.
+      replicate: for k = 1..L-1 one row (sample = b), context R_1..R_k level 1, target R_{k+1}
+        level 2 group 1. The official code feeds contexts R1, R1, R1uR2, ...: a lag we do not copy.
+      prediction='flat': one row, context R_1 level 1, each R_k (k >= 2) level 2 group k
+        (whatever the mode: every target sees the same context, so one row suffices).
+    A sample with fewer than two non-empty regions gets no tokens (causal/flat: an empty row;
+    replicate: no row) and dseq False: make_plan gives it an I-JEPA plan instead.
+    """
+    lvl, L, N = _region_levels(regions, order, generator, num_regions)
+    sample, ctx, tlvl, tgrp, step = _dseq_maps(lvl, L, N, mode, prediction)
+    if step is None:
+        return _pack(sample, ctx, tlvl, tgrp, L >= 2, L, pad_multiple)
+    keep = step <= L[sample] - 1  # (B*(N-1),) replicate: only the steps this sample has
+    return _pack(sample, ctx, tlvl, tgrp, L >= 2, L, pad_multiple, keep, sample * N + step)
+
+
+def blocks_to_regions(context_mask, target_masks):
+    """Region map of the "random blocks, sequential" ablation: I-JEPA blocks as regions.
+
+    context_mask (B, P) bool, target_masks (B, M, P) bool -> regions (B, P) int64 with
+    R_1 = the context, R_{m+1} = target block m (a patch in several blocks joins the first),
+    0 = a patch in no block. There is no separate background: use N = M + 1, so the last block
+    takes the background's place and is predicted last (M = 4 gives the paper's N = 5)."""
+    in_block = target_masks.any(1)  # (B, P)
+    first = target_masks.to(torch.uint8).argmax(1)  # (B, P) first block holding the patch
+    return torch.where(in_block, first + 2, context_mask.long())  # (B, P)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lambda curriculum: DSeq plan with probability lambda, else I-JEPA blocks (PAPER.md step 9)
+
+
+def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mode="causal",
+              order="saliency", prediction="sequential", source="saliency", per_batch_coin=False,
+              pad_multiple=8, num_regions=None, **multiblock_kwargs):
+    """The plan of one training step: each sample follows its DSeq plan with probability lam and
+    otherwise an I-JEPA multi-block plan; samples with < 2 non-empty regions always fall back.
+
+    regions (B, P) int64 (saliency.py's map; None allowed when lam == 0 or source == 'blocks',
+    then pass batch_size and device). grid (h, w). source='blocks': the regions are this step's
+    I-JEPA blocks (blocks_to_regions). per_batch_coin: one coin for the whole batch (the official
+    code) instead of one per sample (the paper's text). Widths Lc, Lt are rounded up to
+    pad_multiple. One host sync (in _pack), plus one when regions is given without num_regions.
+    multiblock_kwargs go to sample_multiblock. Returns a Plan (R = B, or more in replicate mode).
+    """
+    if source not in ("saliency", "blocks"):
+        raise ValueError(f"unknown region source {source!r}: use saliency or blocks")
+    if regions is not None:
+        B, device = regions.shape[0], regions.device
+        if regions.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"regions have {regions.shape[1]} patches but grid {grid} has "
+                             f"{grid[0] * grid[1]}: pass the encoder's patch grid")
+    elif batch_size is None or (lam > 0 and source == "saliency"):
+        raise ValueError("make_plan needs regions when lam > 0 (source='saliency'), and "
+                         "batch_size when regions is None")
+    else:
+        B, device = batch_size, device or "cpu"
+
+    # 1. I-JEPA blocks for every sample: the fallback, and the regions of source='blocks'.
+    context, targets = sample_multiblock(B, grid, generator, device, **multiblock_kwargs)
+    ctx_i, tlvl_i, tgrp_i = _ijepa_maps(context, targets)  # (B, P), (B, M, P), (B, M, P)
+    M, b = targets.shape[1], torch.arange(B, device=device)
+    if regions is None and source == "saliency":  # pure I-JEPA (lambda = 0, no saliency yet)
+        none = torch.zeros(B, dtype=torch.long, device=device)
+        return _pack(b, ctx_i, tlvl_i, tgrp_i, none.bool(), none, pad_multiple)
+    if source == "blocks":
+        regions, num_regions = blocks_to_regions(context, targets), M + 1
+
+    # 2. The DSeq plan each sample would follow, and the lambda coin.
+    lvl, L, N = _region_levels(regions, order, generator, num_regions)
+    sample, ctx_d, tlvl_d, tgrp_d, step = _dseq_maps(lvl, L, N, mode, prediction)
+    coin = _rand(1 if per_batch_coin else B, generator, device) < lam  # (1,) or (B,)
+    dseq = coin & (L >= 2)  # (B,) fewer than two regions: nothing to predict from -> I-JEPA
+    tlvl_d = F.pad(tlvl_d, (0, 0, 0, M - 1))  # (C, M, P): the DSeq slot first, then empty slots
+    tgrp_d = F.pad(tgrp_d, (0, 0, 0, M - 1))  # (C, M, P)
+
+    # 3. Merge. One row per sample: pick the sample's DSeq or I-JEPA maps.
+    if step is None:
+        pick = dseq[:, None]  # (B, 1)
+        return _pack(b, torch.where(pick, ctx_d, ctx_i),  # (B, P)
+                     torch.where(pick[..., None], tlvl_d, tlvl_i),  # (B, M, P)
+                     torch.where(pick[..., None], tgrp_d, tgrp_i), dseq, L, pad_multiple)
+    # Replicate: candidate rows = every (sample, step) DSeq row and every sample's I-JEPA row;
+    # keep the existing steps of DSeq samples and the I-JEPA row of the others, sorted by sample.
+    keep = torch.cat([dseq[sample] & (step <= L[sample] - 1), ~dseq])  # (C + B,)
+    return _pack(torch.cat([sample, b]), torch.cat([ctx_d, ctx_i]), torch.cat([tlvl_d, tlvl_i]),
+                 torch.cat([tgrp_d, tgrp_i]), dseq, L, pad_multiple, keep,
+                 torch.cat([sample * N + step, b * N]))

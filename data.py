@@ -1,0 +1,602 @@
+"""Datasets, transforms and loaders for DSeq-JEPA, written with PIL / numpy / torch only.
+
+This file knows nothing about JEPA: it turns a dataset name and a folder into batches of
+normalised images `imgs: (B, 3, S, S)` float and `labels: (B,)` int64.
+
+Public API
+    build_dataset(name, root, split, img_size, ...) -> (dataset, num_classes)
+        name in DATASETS, split "train" or "val" (CIFAR / MNIST "val" = the official test set).
+        Items are raw `(image, label)`: a PIL RGB image (imagefolder) or a uint8 tensor (3, H, W).
+    build_loader(dataset, img_size, batch_size, train, ...) -> loader
+        Iterable of (imgs, labels) with len() and set_epoch(epoch); call set_epoch every epoch.
+        train=True: shuffled, drop_last, RandomResizedCrop (+ optional flip); train=False: fixed
+        order, resize shorter side + center crop. on_device=True keeps an in-memory set on the device
+        and crops whole batches there (DeviceLoader, batches already on `device`); otherwise a
+        DataLoader with workers (batches on the CPU, pinned when `device` is CUDA).
+    build_train_loader(args, batch_size, rank, world_size, device) -> loader      (train.py)
+    build_eval_loader(args, split, batch_size, rank, world_size, device, augment=False,
+                      class_to_idx=None) -> loader                                 (evaluate.py)
+        Both read the shared argparse config and give the loader .num_classes and .source (the
+        raw dataset, holding class_to_idx / n_bad / object_mask).
+    check_img_size(img_size, patch_size) -> patches per side
+    DataError(ValueError): every mistake a user can make; the message names the thing and the fix.
+    SyntheticShapes.object_mask(i) -> (S, S) bool: where the object is (to score saliency maps).
+    ImageFolder.class_to_idx (save it with the run as JSON), ImageFolder.n_bad (unreadable files).
+
+Determinism: a sample's augmentation is drawn from a numpy Generator seeded by (seed, epoch, index),
+so batches do not depend on num_workers, on which worker loads a sample, or on resuming mid-run.
+Shuffling and DDP sharding come from DistributedSampler(seed, epoch) in both loader kinds.
+"""
+import gzip
+import math
+import os
+import pickle
+import struct
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every dataset is normalised like ImageNet, as I-JEPA does
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.3, 1.0)  # paper: RandomResizedCrop scale for pretraining
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# What each name expects under `root`, quoted in error messages.
+LAYOUT = {
+    "cifar10": "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch} (CIFAR-10 python version)",
+    "cifar100": "ROOT/cifar-100-python/{train, test} (CIFAR-100 python version)",
+    "mnist": "ROOT/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (the four IDX files)",
+    "imagefolder": "ROOT/{train,val}/CLASS/IMAGE.JPEG (one folder per class)",
+}
+LAYOUT["fashion_mnist"] = LAYOUT["mnist"]
+
+
+class DataError(ValueError):
+    """A problem with the data or its settings that the user can fix; the message says how."""
+
+
+def check_img_size(img_size, patch_size):
+    """Return the patch grid side img_size // patch_size, or raise DataError if it does not divide."""
+    if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
+        p = max(patch_size, 1)
+        lo = max(p, img_size // p * p)
+        raise DataError(f"img_size {img_size} is not a positive multiple of patch_size {patch_size}; "
+                        f"use a multiple of {p}, e.g. img_size {lo} or {lo + p}")
+    return img_size // patch_size
+
+
+def _check_root(name, root):
+    """Fail early, naming the folder, when a dataset's root is missing, not a folder or empty."""
+    if not root:
+        raise DataError(f"dataset '{name}' needs a data root: the folder holding {LAYOUT[name]}")
+    if not os.path.isdir(root):
+        raise DataError(f"data root '{root}' does not exist or is not a folder; "
+                        f"for '{name}' it must hold {LAYOUT[name]}")
+    if not os.listdir(root):
+        raise DataError(f"data root '{root}' is empty; for '{name}' it must hold {LAYOUT[name]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic shapes: the default dataset, so `python train.py` runs with no download
+# ---------------------------------------------------------------------------------------------
+
+# Shapes on rotated coordinates (x, y) in units of the object radius; each -> bool (B, S, S).
+_SHAPES = {
+    "disc": lambda x, y: x * x + y * y <= 1,
+    "square": lambda x, y: np.maximum(abs(x), abs(y)) <= 0.7,  # corners stay inside r
+    "triangle": lambda x, y: (y <= 0.6) & (abs(x) <= (y + 1) * 0.55),  # apex up
+    "cross": lambda x, y: (np.minimum(abs(x), abs(y)) <= 0.3) & (np.maximum(abs(x), abs(y)) <= 1),
+    "ring": lambda x, y: (x * x + y * y <= 1) & (x * x + y * y >= 0.4),
+}
+_COLOURS = np.array([[225, 40, 40], [40, 80, 235], [30, 185, 60], [235, 205, 30]], np.float32)
+_N_STROKES = 4  # distractor strokes per image: clutter with edges, but thin and dull
+# Uniform numbers one image consumes: coarse noise 4x4x3, fine noise 8x8x3, strokes (x0, y0, x1,
+# y1, r, g, b) each, object (x, y, radius, angle, colour jitter x3).
+_PARAM_SPLITS = np.cumsum([48, 192, 7 * _N_STROKES])
+_N_PARAMS = int(_PARAM_SPLITS[-1]) + 7
+
+
+class SyntheticShapes(Dataset):
+    """One coloured object on a cluttered, textured background; the object decides the class.
+
+    Class c: shape list(_SHAPES)[c % 5] painted in colour _COLOURS[c // 5] (10 classes: 5 shapes x
+    red/blue; up to 20). The object has a random position, radius (18-32 % of the side) and rotation
+    (+-30 deg); the background is desaturated smooth noise in two octaves plus thin strokes, so the
+    object is the salient thing and classes are learnable. Image i is a pure function of
+    (seed, split, i): every random number comes from its own numpy Generator, and train / val use
+    different seed streams, so they never share an image. Labels are i % num_classes (balanced).
+    Items: (uint8 (3, S, S), label). object_mask(i): (S, S) bool, exactly the object's pixels.
+    """
+
+    def __init__(self, split="train", img_size=32, size=None, num_classes=10, seed=0):
+        if img_size < 16:
+            raise DataError(f"synthetic img_size {img_size} is too small to draw shapes; use 32-96")
+        if not 2 <= num_classes <= len(_SHAPES) * len(_COLOURS):
+            raise DataError(f"synthetic num_classes {num_classes} must be in 2..20 (5 shapes x 4 colours)")
+        self.size = size if size is not None else (10_000 if split == "train" else 2_000)
+        self.stream = 0 if split == "train" else 1  # disjoint seed streams -> disjoint images
+        self.img_size, self.num_classes, self.seed = img_size, num_classes, seed
+        self.labels = torch.arange(self.size) % num_classes  # (N,)
+        self._images = None  # (N, 3, S, S) uint8, filled by tensors()
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        imgs, _ = self._render(np.array([i]))
+        return torch.from_numpy(imgs[0]), int(self.labels[i])
+
+    def object_mask(self, i):
+        """(S, S) bool: the pixels painted with the object's colour in image i."""
+        return torch.from_numpy(self._render(np.array([i]))[1][0])
+
+    def tensors(self):
+        """The whole set in memory: images (N, 3, S, S) uint8, labels (N,) int64 (cached)."""
+        if self._images is None:
+            chunk = max(16, 2 ** 19 // self.img_size ** 2)  # bounds the (B, K, S, S) temporaries
+            parts = [self._render(np.arange(a, min(a + chunk, self.size)))[0]
+                     for a in range(0, self.size, chunk)]
+            self._images = torch.from_numpy(np.concatenate(parts))
+        return self._images, self.labels
+
+    def _render(self, idx):
+        """Draw images idx: (B,) -> (imgs uint8 (B, 3, S, S), masks bool (B, S, S)), vectorised."""
+        S, B = self.img_size, len(idx)
+        # 1. all random numbers of image i from its own generator: pixels never depend on the batch
+        p = np.stack([np.random.default_rng([self.seed, self.stream, int(i)]).random(_N_PARAMS, np.float32)
+                      for i in idx])  # (B, P)
+        coarse, fine, strokes, obj = np.split(p, _PARAM_SPLITS, axis=1)
+        labels = self.labels[torch.as_tensor(idx)].numpy()  # (B,)
+        ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
+        # 2. background: two octaves of smooth colour noise, desaturated so the object pops out
+        up = lambda g, k: F.interpolate(torch.from_numpy(g).view(B, 3, k, k), (S, S), mode="bilinear")
+        bg = (0.7 * up(coarse, 4) + 0.3 * up(fine, 8)).numpy()  # (B, 3, S, S) in [0, 1]
+        grey = bg.mean(1, keepdims=True)  # (B, 1, S, S)
+        img = 60 + 140 * (grey + 0.35 * (bg - grey))  # (B, 3, S, S) in [60, 200]
+        # 3. distractor strokes: pixels within 0.6 px (at S = 32) of a random segment get a dull colour
+        st = strokes.reshape(B, _N_STROKES, 7)
+        ax, ay = st[..., 0, None, None] * S, st[..., 1, None, None] * S  # (B, K, 1, 1)
+        bx, by = st[..., 2, None, None] * S - ax, st[..., 3, None, None] * S - ay
+        t = np.clip(((xs - ax) * bx + (ys - ay) * by) / (bx * bx + by * by + 1e-6), 0, 1)  # (B, K, S, S)
+        on = (xs - ax - t * bx) ** 2 + (ys - ay - t * by) ** 2 < (0.6 * S / 32) ** 2
+        for k in range(_N_STROKES):
+            img = np.where(on[:, k, None], 50 + 150 * st[:, k, 4:7, None, None], img)
+        # 4. the object: centre kept a radius away from the borders so it is never cut off
+        r = S * (0.18 + 0.14 * obj[:, 2])  # (B,) radius in pixels
+        cx, cy = r + (S - 2 * r) * obj[:, 0], r + (S - 2 * r) * obj[:, 1]
+        ang = (obj[:, 3] - 0.5) * math.pi / 3  # +-30 degrees
+        c, s = np.cos(ang)[:, None, None], np.sin(ang)[:, None, None]
+        dx0, dy0 = (xs - cx[:, None, None]) / r[:, None, None], (ys - cy[:, None, None]) / r[:, None, None]
+        dx, dy = c * dx0 + s * dy0, -s * dx0 + c * dy0  # (B, S, S) rotated unit coordinates
+        mask = np.zeros((B, S, S), bool)
+        for k, fn in enumerate(_SHAPES.values()):
+            sel = labels % len(_SHAPES) == k
+            if sel.any():
+                mask[sel] = fn(dx[sel], dy[sel])
+        rgb = _COLOURS[labels // len(_SHAPES)] + 40 * (obj[:, 4:7] - 0.5)  # (B, 3) class colour +-20
+        shade = 1 - 0.1 * dy[:, None]  # (B, 1, S, S) a little light from above: not a flat sticker
+        img = np.where(mask[:, None], rgb[:, :, None, None] * shade, img)
+        return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Files on disk: CIFAR pickles, MNIST-style IDX files, ImageFolder trees
+# ---------------------------------------------------------------------------------------------
+
+class ArrayDataset(Dataset):
+    """A dataset held in memory. images: (N, 3, H, W) uint8, labels: (N,) int64."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+    def tensors(self):
+        return self.images, self.labels
+
+
+def load_cifar(root, split, num_classes):
+    """CIFAR-10 / CIFAR-100 from the python-pickle files -> ArrayDataset (N, 3, 32, 32)."""
+    name = f"cifar{num_classes}"
+    sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    files = {(10, "train"): [f"data_batch_{k}" for k in range(1, 6)], (10, "val"): ["test_batch"],
+             (100, "train"): ["train"], (100, "val"): ["test"]}[num_classes, split]
+    # accept both ROOT (holding the folder) and the folder itself
+    folder = root if os.path.isfile(os.path.join(root, files[0])) else os.path.join(root, sub)
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"{name}: '{folder}' lacks {missing}; expected {LAYOUT[name]}")
+    key = b"labels" if num_classes == 10 else b"fine_labels"  # CIFAR-100: the 100 fine classes
+    images, labels = [], []
+    for f in files:
+        path = os.path.join(folder, f)
+        try:
+            with open(path, "rb") as fh:  # python-2 pickles from the official archive: trust them
+                d = pickle.load(fh, encoding="bytes")
+            images.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32))  # rows are RGB planes
+            labels.extend(d[key])
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+            raise DataError(f"{name}: cannot read '{path}' ({e!r}); re-extract {LAYOUT[name]}") from e
+    return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
+
+
+def _read_idx(path):
+    """One uint8 IDX file, raw or gzipped -> numpy array shaped by its header."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file '{path}' ({e}); download it again") from e
+    if len(raw) < 4 or raw[0] or raw[1] or raw[2] != 0x08:  # magic: 0, 0, type 0x08 = uint8, ndim
+        raise DataError(f"'{path}' is not a uint8 IDX file (magic {raw[:4].hex()}, expected 000008xx); "
+                        "use the original MNIST-format files")
+    nd = raw[3]
+    dims = struct.unpack(f">{nd}I", raw[4:4 + 4 * nd])
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * nd)
+    if data.size != math.prod(dims):
+        raise DataError(f"IDX file '{path}' is truncated: header says {dims}, found {data.size} values; "
+                        "download it again")
+    return data.reshape(dims)
+
+
+def load_idx(root, split):
+    """MNIST / Fashion-MNIST IDX files in `root` -> ArrayDataset (N, 3, 28, 28), grey copied to RGB."""
+    prefix = "train" if split == "train" else "t10k"
+    arrays = []
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        name = f"{prefix}-{kind}"
+        path = next((p for p in (os.path.join(root, name), os.path.join(root, name + ".gz"))
+                     if os.path.isfile(p)), None)
+        if path is None:
+            raise DataError(f"'{root}' has no {name} or {name}.gz; expected {LAYOUT['mnist']}")
+        arrays.append(_read_idx(path))
+    images, labels = arrays
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"IDX files in '{root}' do not match: images {images.shape}, labels "
+                        f"{labels.shape}; expected (N, H, W) images and N labels")
+    x = torch.from_numpy(images.copy())[:, None].expand(-1, 3, -1, -1)  # (N, 3, H, W), a view
+    return ArrayDataset(x, torch.from_numpy(labels.astype(np.int64)))
+
+
+class ImageFolder(Dataset):
+    """ROOT/SPLIT/CLASS/*.jpg trees (ImageNet, CUB, Cars, iNat after the usual preparation).
+
+    Classes are the sorted folder names, or `class_to_idx` (e.g. the train map saved with the run,
+    so val labels line up). subset_file: one image per line, either CLASS/FILE relative to
+    ROOT/SPLIT or a bare ImageNet name n01440764_10026.JPEG (class = text before '_'), as in the
+    official 10 % subset. Items: (PIL RGB image, label). An unreadable image is warned about once,
+    counted in n_bad (per process: each DataLoader worker counts its own) and replaced by the next.
+    """
+
+    def __init__(self, root, split="train", subset_file=None, class_to_idx=None):
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+            raise DataError(f"'{d}' does not exist; expected {LAYOUT['imagefolder']}")
+        classes = sorted(e.name for e in os.scandir(d) if e.is_dir())
+        if not classes:
+            raise DataError(f"'{d}' has no class folders; expected {LAYOUT['imagefolder']}")
+        self.class_to_idx = class_to_idx or {c: i for i, c in enumerate(classes)}
+        unknown = [c for c in classes if c not in self.class_to_idx]
+        if unknown:
+            raise DataError(f"class folders {unknown[:5]} in '{d}' are not in the class map "
+                            f"({len(self.class_to_idx)} classes); use the map saved with the run")
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
+        if subset_file:
+            rels = self._read_subset(subset_file, d)
+        else:
+            rels = [os.path.join(c, f) for c in classes for f in sorted(os.listdir(os.path.join(d, c)))
+                    if f.lower().endswith(IMG_EXTENSIONS)]
+        if not rels:
+            raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) under '{d}/CLASS/'; "
+                            f"expected {LAYOUT['imagefolder']}")
+        self.samples = [(os.path.join(d, r), self.class_to_idx[r.split(os.sep)[0]]) for r in rels]
+        self.bad = set()  # indices of unreadable files, never retried
+
+    @staticmethod
+    def _read_subset(path, d):
+        """Subset file -> relative paths CLASS/FILE; DataError listing the first missing ones."""
+        if not os.path.isfile(path):
+            raise DataError(f"subset file '{path}' does not exist; give a text file with one image per line")
+        with open(path) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        rels = [os.path.join(*ln.split("/")) if "/" in ln else os.path.join(ln.split("_")[0], ln)
+                for ln in lines]
+        missing = [r for r in rels if not os.path.isfile(os.path.join(d, r))]
+        if missing:
+            raise DataError(f"subset file '{path}' names {len(missing)} images missing under '{d}', "
+                            f"e.g. {missing[:5]}; check the file matches this data root and split")
+        return rels
+
+    @property
+    def n_bad(self):
+        return len(self.bad)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for k in range(50):  # a run of 50 unreadable files means a broken copy, not bad luck
+            j = (i + k) % len(self.samples)
+            if j in self.bad:
+                continue
+            path, label = self.samples[j]
+            try:
+                with Image.open(path) as im:
+                    return im.convert("RGB"), label  # convert() decodes: truncation fails here
+            except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
+                self.bad.add(j)
+                warnings.warn(f"unreadable image '{path}' ({e}); using the next one instead "
+                              f"({len(self.bad)} bad so far)", RuntimeWarning)
+        raise DataError(f"50 unreadable images in a row from '{self.samples[i][0]}'; the data copy "
+                        "looks broken, extract it again")
+
+
+def build_dataset(name, root=None, split="train", img_size=32, *, subset_file=None,
+                  class_to_idx=None, synthetic_size=None, num_classes=10, seed=0):
+    """The dataset `name` -> (dataset, num_classes). Items are raw (image, label); see build_loader.
+
+    img_size, synthetic_size, num_classes and seed only shape the synthetic set; subset_file and
+    class_to_idx only apply to imagefolder.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+    if split not in ("train", "val"):
+        raise DataError(f"unknown split '{split}'; use 'train' or 'val'")
+    if name == "synthetic":
+        ds = SyntheticShapes(split, img_size, synthetic_size, num_classes, seed)
+        return ds, ds.num_classes
+    _check_root(name, root)
+    if name in ("cifar10", "cifar100"):
+        n = int(name[5:])
+        return load_cifar(root, split, n), n
+    if name in ("mnist", "fashion_mnist"):
+        return load_idx(root, split), 10
+    ds = ImageFolder(root, split, subset_file, class_to_idx)
+    return ds, len(ds.class_to_idx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms: one crop rule for both loader kinds
+# ---------------------------------------------------------------------------------------------
+
+def sample_crop_boxes(rng, n, H, W, scale=CROP_SCALE, ratio=CROP_RATIO, attempts=10):
+    """RandomResizedCrop boxes for n images of H x W -> (n, 4) int64 (top, left, h, w).
+
+    torchvision's rule: area fraction ~ U(scale), log aspect ~ U(log ratio); the first of
+    `attempts` draws that fits wins; if none fits, the whole image clipped to the ratio range,
+    centred. All attempts are drawn at once (same distribution, vectorised).
+    """
+    area = rng.uniform(scale[0], scale[1], (n, attempts)) * H * W
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    w = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # (n, attempts)
+    h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    first, found = ok.argmax(1), ok.any(1)  # (n,)
+    if W / H < ratio[0]:  # fallback for images outside the ratio range
+        fw, fh = W, int(round(W / ratio[0]))
+    elif W / H > ratio[1]:
+        fw, fh = int(round(H * ratio[1])), H
+    else:
+        fw, fh = W, H
+    rows = np.arange(n)
+    w = np.where(found, w[rows, first], fw)
+    h = np.where(found, h[rows, first], fh)
+    top = np.where(found, rng.integers(0, H - h + 1), (H - h) // 2)
+    left = np.where(found, rng.integers(0, W - w + 1), (W - w) // 2)
+    return np.stack([top, left, h, w], 1)
+
+
+def center_box(H, W, crop_frac):
+    """Eval crop (top, left, h, w): resizing the shorter side to S / crop_frac and cutting the
+    central S x S equals cutting the central square of side crop_frac * min(H, W), then resizing."""
+    side = crop_frac * min(H, W)
+    return ((H - side) / 2, (W - side) / 2, side, side)
+
+
+def normalize(imgs):
+    """imgs: (B, 3, S, S) uint8 or float in [0, 255] -> float (B, 3, S, S), ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1) * 255
+    return (imgs.float() - mean) / std
+
+
+class Transform:
+    """One image (PIL or uint8 (3, H, W)) + numpy Generator -> float (3, S, S) normalised.
+
+    augment: RandomResizedCrop(crop_scale) then optional horizontal flip; else center_box.
+    Crop and resize are one PIL call (bilinear, antialiased when shrinking).
+    """
+
+    def __init__(self, img_size, augment, crop_scale=CROP_SCALE, flip=False, crop_frac=0.875):
+        self.img_size, self.augment, self.crop_scale = img_size, augment, crop_scale
+        self.flip, self.crop_frac = flip, crop_frac
+
+    def __call__(self, img, rng):
+        if isinstance(img, torch.Tensor):
+            img = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # (H, W, 3)
+        W, H = img.size
+        if self.augment:
+            top, left, h, w = (float(v) for v in sample_crop_boxes(rng, 1, H, W, self.crop_scale)[0])
+            flip = self.flip and rng.random() < 0.5
+        else:
+            top, left, h, w = center_box(H, W, self.crop_frac)
+            flip = False
+        S = self.img_size
+        img = img.resize((S, S), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+        return normalize(x[None])[0]
+
+
+def crop_resize(imgs, boxes, flips, size):
+    """Cut one box per image and resize all to size x size with one affine_grid + grid_sample.
+
+    imgs: (B, 3, H, W) uint8; boxes: (B, 4) (top, left, h, w) pixels; flips: (B,) bool
+    -> float (B, 3, size, size) normalised. Bilinear without antialiasing (matches PIL when
+    enlarging; aliases a little when a crop shrinks by more than 2x).
+    """
+    B, _, H, W = imgs.shape
+    top, left, h, w = torch.as_tensor(np.asarray(boxes, np.float32), device=imgs.device).unbind(1)
+    sign = 1 - 2 * torch.as_tensor(np.asarray(flips), device=imgs.device).float()  # -1 mirrors
+    theta = torch.zeros(B, 2, 3, device=imgs.device)  # output [-1, 1] -> input [-1, 1]
+    theta[:, 0, 0], theta[:, 0, 2] = sign * w / W, (2 * left + w) / W - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)  # (B, S, S, 2)
+    out = F.grid_sample(imgs.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return normalize(out)  # (B, 3, S, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------
+
+class TransformedDataset(Dataset):
+    """base + Transform. Key (index, epoch): the augmentation is seeded by (seed, epoch, index)."""
+
+    def __init__(self, base, transform, seed):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        img, label = self.base[i]
+        return self.transform(img, np.random.default_rng([self.seed, epoch, i])), label
+
+
+class _KeySampler(DistributedSampler):
+    """DistributedSampler (seeded shuffle, rank shards) that also hands its epoch to the dataset."""
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in super().__iter__())
+
+
+class Loader(DataLoader):
+    """DataLoader with set_epoch(epoch), the same call as DeviceLoader."""
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+
+class DeviceLoader:
+    """Batches made on the device from an in-memory set: no worker processes to starve a GPU.
+
+    images: (N, 3, H, W) uint8, labels: (N,) -> yields (float (B, 3, S, S) normalised, int64 (B,))
+    on `device`. Order and DDP shards come from the same DistributedSampler as the DataLoader path
+    (train: shuffled by seed + epoch, disjoint shards, drop_last; eval: fixed order, every index,
+    and when N % world_size != 0 a few repeated so every rank gets as many batches).
+    Crops follow sample_crop_boxes, drawn from a Generator seeded by (seed, epoch, rank).
+    """
+
+    def __init__(self, images, labels, batch_size, img_size, train, *, rank=0, world_size=1,
+                 seed=0, device="cpu", crop_scale=CROP_SCALE, flip=False, crop_frac=1.0):
+        self.images = images.to(device).contiguous()  # MNIST's expanded grey view becomes real RGB
+        self.labels = labels.to(device)
+        self.batch_size, self.img_size, self.train, self.seed = batch_size, img_size, train, seed
+        self.crop_scale, self.flip, self.crop_frac = crop_scale, flip, crop_frac
+        self.sampler = DistributedSampler(range(len(labels)), world_size, rank, shuffle=train,
+                                          seed=seed, drop_last=train)
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        n, b = len(self.sampler), self.batch_size
+        return n // b if self.train else -(-n // b)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
+        rng = np.random.default_rng([self.seed, self.sampler.epoch, self.sampler.rank])
+        H, W = self.images.shape[-2:]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]  # (B,)
+            n = len(idx)
+            if self.train:
+                boxes = sample_crop_boxes(rng, n, H, W, self.crop_scale)
+                flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
+            else:
+                boxes, flips = np.tile(center_box(H, W, self.crop_frac), (n, 1)), np.zeros(n, bool)
+            yield crop_resize(self.images[idx], boxes, flips, self.img_size), self.labels[idx]
+
+
+def build_loader(dataset, img_size, batch_size, train, *, num_workers=0, rank=0, world_size=1,
+                 seed=0, device="cpu", on_device=False, crop_scale=CROP_SCALE, flip=False,
+                 crop_frac=None):
+    """Batches (imgs float (B, 3, S, S) normalised, labels int64 (B,)) from a build_dataset set.
+
+    train: shuffle + drop_last + RandomResizedCrop(crop_scale) (+ flip if `flip`); otherwise fixed
+    order + center crop. crop_frac (eval): None -> 1.0 for in-memory sets (stored near img_size),
+    0.875 for imagefolder (ImageNet's resize 256 / crop 224). rank / world_size shard the indices
+    (DDP; see DeviceLoader for the eval padding). on_device: DeviceLoader for in-memory sets.
+    Both loaders have set_epoch(epoch) and `.sampler` (a DistributedSampler).
+    """
+    in_memory = hasattr(dataset, "tensors")
+    crop_frac = crop_frac if crop_frac is not None else (1.0 if in_memory else 0.875)
+    per_rank = len(dataset) // world_size
+    if train and per_rank < batch_size:
+        raise DataError(f"batch_size {batch_size} exceeds the {per_rank} training images per rank "
+                        f"({len(dataset)} images / {world_size} ranks); lower the batch size")
+    if on_device:
+        if not in_memory:
+            raise DataError(f"on_device needs an in-memory dataset (synthetic, cifar10, cifar100, mnist, "
+                            f"fashion_mnist), not {type(dataset).__name__}; use on_device=False "
+                            "(--device-data off)")
+        images, labels = dataset.tensors()
+        return DeviceLoader(images, labels, batch_size, img_size, train, rank=rank,
+                            world_size=world_size, seed=seed, device=device,
+                            crop_scale=crop_scale, flip=flip, crop_frac=crop_frac)
+    keyed = TransformedDataset(dataset, Transform(img_size, train, crop_scale, flip, crop_frac), seed)
+    sampler = _KeySampler(keyed, world_size, rank, shuffle=train, seed=seed, drop_last=train)
+    return Loader(keyed, batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
+                  pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+                  # torch seeds random / numpy / torch in each worker from this generator, so
+                  # any other randomness in user code is reproducible too
+                  generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points for train.py / evaluate.py (read the shared argparse config)
+# ---------------------------------------------------------------------------------------------
+
+def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
+    """Dataset + loader from the config fields dataset, data_path, subset_file, img_size,
+    crop_scale, num_train / num_val (synthetic), num_workers, device_data (auto|on|off), seed."""
+    ds, num_classes = build_dataset(args.dataset, args.data_path, split, args.img_size,
+                                    subset_file=getattr(args, "subset_file", None),
+                                    synthetic_size=args.num_train if split == "train" else args.num_val,
+                                    class_to_idx=kw.pop("class_to_idx", None))
+    mode = getattr(args, "device_data", "auto")  # auto: on for in-memory sets on CUDA
+    on_device = mode == "on" or (mode == "auto" and hasattr(ds, "tensors")
+                                 and torch.device(device).type == "cuda")
+    # args.seed, not seed + rank: every rank must draw the same shuffle for the shards to be disjoint
+    loader = build_loader(ds, args.img_size, batch_size, train, num_workers=args.num_workers,
+                          rank=rank, world_size=world_size, seed=args.seed, device=device,
+                          on_device=on_device, crop_scale=tuple(args.crop_scale), **kw)
+    loader.source, loader.num_classes = ds, num_classes  # class_to_idx / n_bad / object_mask live here
+    return loader
+
+
+def build_train_loader(args, batch_size, rank=0, world_size=1, device="cpu"):
+    """train.py: the training split with the paper's crops (no flip), batch_size per process.
+    -> loader of (imgs (B, 3, S, S), labels (B,)); also .num_classes and .source (the raw set)."""
+    return _from_args(args, "train", batch_size, True, rank, world_size, device)
+
+
+def build_eval_loader(args, split, batch_size, rank=0, world_size=1, device="cpu", *, augment=False,
+                      class_to_idx=None):
+    """evaluate.py: `split` in fixed order with resize + center crop (kNN features, probe test),
+    or augment=True for a linear-probe training loader (shuffled, crops + flip, drop_last).
+    class_to_idx: the map saved with the run, so imagefolder labels match. Same extras as above."""
+    return _from_args(args, split, batch_size, augment, rank, world_size, device,
+                      flip=augment, class_to_idx=class_to_idx)

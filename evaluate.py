@@ -1,0 +1,718 @@
+"""
+Evaluate a DSeq-JEPA (or I-JEPA) checkpoint: kNN, linear probe, fine-tuning, pictures of the plans.
+
+    python evaluate.py --checkpoint out/checkpoint.pt                      # kNN + linear probe
+    python evaluate.py --checkpoint out/checkpoint.pt --eval knn,linear,finetune,picture --features both
+    python evaluate.py --init random                                       # random-init baseline
+    python evaluate.py --pixels --eval knn,linear                          # raw-pixel baseline
+
+Protocols (PAPER.md "Evaluation protocols"). Features come from the frozen TARGET encoder f_bar:
+  last    = average-pooled patch tokens of the last block, after the final LayerNorm   (B, D)
+  concat4 = the average-pooled outputs of the last 4 blocks, each through the final LayerNorm,
+            concatenated                                                            (B, 4D)
+  kNN     : cosine similarity of L2-normalised features, k = 20, votes weighted exp(sim / 0.07)
+  linear  : BatchNorm1d(affine=False) + Linear per feature kind, SGD momentum 0.9 Nesterov (the
+            official probe silently ran WITHOUT momentum, fault 6), wd 5e-4, lr 0.01 x batch / 256,
+            28 epochs, x0.1 at 8 / 16 / 24
+            Default: no augmentation, features extracted once and cached (seconds on a CPU for
+            CIFAR-sized sets); --probe-aug gives the paper's RandomResizedCrop + flip, re-extracted
+            every epoch.
+  finetune: MAE-style: AdamW, layer-wise lr decay 0.75, warmup + cosine, label smoothing 0.1
+            (compact: RandomResizedCrop + flip only, no RandAugment / mixup / drop-path)
+  picture : image | saliency | ranked regions | the DSeq plan step by step | an I-JEPA plan, plus
+            the top-region / object overlap on the synthetic set (a number that should rise)
+Bank / training features come from the training split, queries from the val split. The CLI runs in
+one process; knn_monitor (called by train.py, also under torchrun) shards the extraction over ranks.
+
+Configuration: ONE parser, train.py's, plus the "evaluation" group below. With --checkpoint, every
+training flag is read from the checkpoint's saved config (model size, image / patch size,
+dataset, regions, ...) EXCEPT the machine flags in MACHINE_KEYS and the flags typed on the command
+line, which win. Model flags typed on the command line must agree with the checkpoint (a different
+--model cannot load its weights). --out-dir defaults to the checkpoint's folder.
+The official evaluation could not load its own checkpoints (unexpected `cls_token`, fault 6):
+here loading is strict, and a mismatch names the missing / unexpected keys and the flags.
+
+knn_monitor and plan_picture are also called by train.py during / after training.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+import masking
+import model as vit
+import saliency
+import train
+
+MODEL_KEYS = ("model", "img_size", "patch_size", "pred_dim", "pred_depth")  # must match the weights
+# Properties of the machine running the evaluation, never taken from the training run's config.
+MACHINE_KEYS = ("preset", "device", "amp", "compile", "seed", "num_workers", "device_data", "out_dir",
+                "resume", "no_auto_resume")
+EVALS = ("knn", "linear", "finetune", "picture")
+
+
+def get_args_parser():
+    """train.py's parser (the one shared configuration) plus an "evaluation" group."""
+    p = train.get_args_parser()
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--checkpoint", default=None, help="train.py checkpoint; its target encoder is evaluated")
+    g.add_argument("--init", choices=["checkpoint", "random"], default="checkpoint",
+                   help="random: a randomly initialised encoder of the configured size (baseline)")
+    g.add_argument("--pixels", action="store_true",
+                   help="baseline: features = the flattened normalised pixels, no encoder (knn / linear)")
+    g.add_argument("--eval", default="knn,linear", help=f"comma list of {', '.join(EVALS)}")
+    g.add_argument("--features", choices=["last", "concat4", "both"], default="both",
+                   help="last block, concat of the last 4 blocks, or both (paper: both)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="images per forward pass (per process) for features")
+    g.add_argument("--knn-k", type=int, nargs="+", default=[20], help="neighbours; several allowed, e.g. 10 20 100 (paper: 20)")
+    g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(sim / T) votes (paper: 0.07)")
+    g.add_argument("--probe-epochs", type=int, default=28, help="linear-probe epochs (paper: 28, lr x0.1 at 8/16/24)")
+    g.add_argument("--probe-batch-size", type=int, default=256, help="linear-probe batch size")
+    g.add_argument("--probe-lr", type=float, default=0.01, help="linear-probe lr per 256 images (paper: 0.01 x batch / 256)")
+    g.add_argument("--probe-wd", type=float, default=5e-4, help="linear-probe weight decay (paper: 5e-4)")
+    g.add_argument("--probe-aug", action=argparse.BooleanOptionalAction, default=False,
+                   help="RandomResizedCrop + flip on probe training images, features re-extracted every epoch (paper: on)")
+    g.add_argument("--probe-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="extract the features once and train on the cache (default: on without --probe-aug; "
+                        "turn off when the features do not fit in memory)")
+    g.add_argument("--ft-epochs", type=int, default=100, help="fine-tuning epochs (MAE ViT-B: 100)")
+    g.add_argument("--ft-batch-size", type=int, default=128, help="fine-tuning batch size")
+    g.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning peak lr per 256 images (MAE: 5e-4)")
+    g.add_argument("--ft-min-lr", type=float, default=1e-6, help="fine-tuning lr at the end of the cosine (MAE: 1e-6)")
+    g.add_argument("--ft-warmup-epochs", type=float, default=5, help="fine-tuning linear warmup epochs (MAE: 5)")
+    g.add_argument("--ft-wd", type=float, default=0.05, help="fine-tuning weight decay (MAE: 0.05)")
+    g.add_argument("--ft-layer-decay", type=float, default=0.75, help="layer-wise lr decay (paper: 0.75)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="fine-tuning label smoothing (paper: 0.1)")
+    g.add_argument("--picture-images", type=int, default=6, help="held-out images (rows) in the plan picture")
+    g.add_argument("--overlap-images", type=int, default=256, help="held-out images scored for top-region/object overlap")
+    g.add_argument("--eval-name", default=None, help="results go to OUT_DIR/eval_NAME.json (default: init kind + time)")
+    return p
+
+
+def _opt(args, name):
+    """An evaluation flag; train.py's args (from train's parser) lack the group, so use its default."""
+    return getattr(args, name) if hasattr(args, name) else get_args_parser().get_default(name)
+
+
+def explicit_flags(argv=None):
+    """dests of the flags typed in argv (whatever their value): parse once with every default hidden."""
+    probe = get_args_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def resolve_config(argv=None):
+    """Parse argv; with --checkpoint, fill in the training flags from the checkpoint's config.
+    Returns (args, checkpoint dict or None)."""
+    parser = get_args_parser()
+    args = train.parse_args(argv, parser)
+    given = explicit_flags(argv)
+    bad = [e for e in args.eval.split(",") if e not in EVALS]
+    if bad:
+        parser.error(f"--eval {args.eval}: unknown {bad}; choose from {', '.join(EVALS)}")
+    if args.pixels and ({"finetune", "picture"} & set(args.eval.split(","))):
+        parser.error("--pixels has no encoder to fine-tune or picture; use --eval knn,linear")
+    if args.probe_aug and args.probe_cache:
+        parser.error("--probe-cache cannot cache augmented features (new crops every epoch); "
+                     "drop one of the flags")
+    if args.checkpoint is None:
+        if args.init == "checkpoint" and not args.pixels:
+            parser.error("give --checkpoint PATH, or --init random / --pixels for a baseline")
+        return args, None
+    if args.init == "random" or args.pixels:
+        parser.error("--checkpoint cannot be combined with --init random or --pixels (baselines need no weights)")
+    if not os.path.isfile(args.checkpoint):
+        sys.exit(f"error: checkpoint {args.checkpoint} does not exist; check --checkpoint")
+    ckpt = train.load_checkpoint(args.checkpoint)  # clear error if corrupt / not a training checkpoint
+    saved = ckpt["config"]
+    for key in MODEL_KEYS:
+        if key in given and getattr(args, key) != saved.get(key):
+            sys.exit(f"error: --{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
+                     f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
+                     "(model flags are read from the checkpoint)")
+    for key, value in saved.items():
+        if key not in given and key not in MACHINE_KEYS and hasattr(args, key):
+            setattr(args, key, value)
+    if "out_dir" not in given:
+        args.out_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    return args, ckpt
+
+
+def load_target_encoder(ckpt, args, path):
+    """The checkpoint's EMA target encoder f_bar, loaded strictly (cls_token included) and frozen."""
+    encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+    state, own = ckpt["target_encoder"], encoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        flags = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in MODEL_KEYS)
+        sys.exit(f"error: checkpoint {path} does not fit the target encoder built from {flags}: "
+                 f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, shape mismatches (checkpoint vs "
+                 f"model) {shapes[:4]}. Evaluate it with the flags it was trained with (its saved config).")
+    encoder.load_state_dict(state, strict=True)
+    return encoder.requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Features
+
+
+def _dist():
+    """(rank, world size): torchrun's process group if one is initialised, else a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _eval_loader(args, split, batch_size, rank=0, world=1, device="cpu", augment=False):
+    """data.build_eval_loader; in-memory sets (synthetic, CIFAR, MNIST) are batched in memory even on
+    the CPU, where one DeviceLoader batch beats per-image PIL work in worker processes."""
+    if args.device_data == "auto" and args.dataset != "imagefolder":
+        args = argparse.Namespace(**{**vars(args), "device_data": "on"})
+    return data.build_eval_loader(args, split, batch_size, rank, world, device, augment=augment)
+
+
+def pooled_features(encoder, images, kinds):
+    """images (B, 3, H, W) -> {kind: (B, F) float32}; encoder None = raw pixels, kind "pixels"."""
+    if encoder is None:
+        return {"pixels": images.flatten(1).float()}  # (B, 3*H*W)
+    layers = (-4, -3, -2, -1) if "concat4" in kinds else (-1,)
+    pooled = [h.float().mean(1) for h in encoder.features(images, layers=layers)]  # each (B, P, D) -> (B, D)
+    out = {}
+    if "last" in kinds:
+        out["last"] = pooled[-1]  # (B, D)
+    if "concat4" in kinds:
+        out["concat4"] = torch.cat(pooled, 1)  # (B, 4D)
+    return out
+
+
+def interleave(parts, n):
+    """Undo DistributedSampler(shuffle=False) sharding: rank r holds positions r, r + W, r + 2W, ...
+    of the index list 0..N-1, padded with repeats to a multiple of W. parts: W tensors (N_pad / W, ...)
+    -> (N, ...) in dataset order, padding dropped."""
+    return torch.stack(parts, 1).flatten(0, 1)[:n]  # (N_pad/W, W, ...) -> (N_pad, ...): position j*W + r
+
+
+def gather_shards(x, n):
+    """Every rank's shard x (N_pad / W, ...) -> the whole set (N, ...) on every rank (all_gather)."""
+    rank, world = _dist()
+    if world == 1:
+        return x[:n]
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return interleave(parts, n)
+
+
+@torch.no_grad()
+def extract(encoder, loader, kinds, device, autocast, desc):
+    """Features of the whole split -> ({kind: (N, F)}, labels (N,)), on `device`, in dataset order.
+    Under DDP each rank runs its shard and all ranks get everything."""
+    feats, labels = {k: [] for k in kinds}, []
+    for images, y in tqdm(loader, desc=desc, disable=_dist()[0] != 0, leave=False, dynamic_ncols=True):
+        with autocast:
+            f = pooled_features(encoder, images.to(device, non_blocking=True), kinds)
+        for k in kinds:
+            feats[k].append(f[k])
+        labels.append(y.to(device))
+    n = len(loader.source)  # real images; the sampler pads the last shard with repeats
+    return {k: gather_shards(torch.cat(v), n) for k, v in feats.items()}, gather_shards(torch.cat(labels), n)
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN (weighted vote, T = 0.07)
+
+
+@torch.no_grad()
+def knn_votes(bank, bank_labels, queries, num_classes, ks=(20,), T=0.07, max_entries=2**26):
+    """Weighted kNN votes. bank (N, F), bank_labels (N,), queries (Q, F) -> {k: votes (Q, C)}.
+
+    Cosine similarity of L2-normalised features; each of the k nearest bank images votes for its
+    class with weight exp(sim / T). The (Q, N) similarity matrix is built in query chunks of at most
+    max_entries (2^26 fp32 = 256 MB), so an ImageNet-sized bank fits.
+    """
+    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    kmax = min(max(ks), len(bank))
+    chunk = max(1, max_entries // len(bank))
+    votes = {k: [] for k in ks}
+    for q in queries.split(chunk):
+        sim, idx = (q @ bank.T).topk(kmax, dim=1)  # (q, kmax), most similar first
+        weight, label = (sim / T).exp(), bank_labels[idx]  # (q, kmax) each
+        for k in ks:
+            v = torch.zeros(len(q), num_classes, device=q.device)
+            votes[k].append(v.scatter_add_(1, label[:, :k], weight[:, :k]))  # (q, C)
+    return {k: torch.cat(v) for k, v in votes.items()}
+
+
+def topk_accuracy(scores, labels):
+    """scores (Q, C), labels (Q,) -> (top-1 %, top-5 %); top-5 is 100 when C <= 5."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (Q, 5)
+    hit = top == labels[:, None]  # (Q, 5)
+    return 100 * hit[:, 0].float().mean().item(), 100 * hit.any(1).float().mean().item()
+
+
+def knn_monitor(target_encoder, args, device):
+    """Held-out kNN accuracy of the target encoder, "last" features: bank = the training split (no
+    augmentation, eval crops), queries = the val split. DDP-aware: every rank extracts its shard,
+    all ranks get the same result. -> {top1, top5, k, split, n_bank, n_query, ...} (percent)."""
+    rank, world = _dist()
+    bs, ks, T = _opt(args, "eval_batch_size"), _opt(args, "knn_k"), _opt(args, "knn_t")
+    autocast, _ = train.make_autocast(args, device)
+    was_training = target_encoder.training
+    target_encoder.eval()
+    bank_loader = _eval_loader(args, "train", bs, rank, world, device)
+    bank, bank_y = extract(target_encoder, bank_loader, ["last"], device, autocast, "kNN bank")
+    query, query_y = extract(target_encoder, _eval_loader(args, "val", bs, rank, world, device), ["last"],
+                             device, autocast, "kNN queries")
+    target_encoder.train(was_training)
+    votes = knn_votes(bank["last"], bank_y, query["last"], bank_loader.num_classes, ks, T)
+    main_k = 20 if 20 in ks else ks[0]
+    out = {"k": main_k, "split": "val", "features": "last", "n_bank": len(bank_y), "n_query": len(query_y)}
+    for k in ks:
+        top1, top5 = topk_accuracy(votes[k], query_y)
+        out.update({"top1": top1, "top5": top5} if k == main_k else {f"top1_k{k}": top1, f"top5_k{k}": top5})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def make_probe(dims, num_classes):
+    """One head per feature kind {kind: F}: BatchNorm1d without affine (standardises the frozen
+    features, so one lr suits every kind) + Linear(F, C)."""
+    heads = nn.ModuleDict({k: nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes))
+                           for k, d in dims.items()})
+    for head in heads.values():
+        nn.init.normal_(head[1].weight, std=0.01)
+        nn.init.zeros_(head[1].bias)
+    return heads
+
+
+def probe_optimizer(heads, args, batch_size):
+    """SGD with momentum 0.9, Nesterov (the official probe forgot momentum: fault 6), lr scaled."""
+    return torch.optim.SGD(heads.parameters(), lr=args.probe_lr * batch_size / 256, momentum=0.9,
+                           nesterov=True, weight_decay=args.probe_wd)
+
+
+def probe_lr_at(epoch, base_lr, epochs):
+    """Step decay x0.1 at epochs 8, 16, 24 of 28, the milestones scaled when epochs != 28."""
+    return base_lr * 0.1 ** sum(epoch >= m * epochs / 28 for m in (8, 16, 24))
+
+
+def cached_batches(feats, labels, batch_size, seed):
+    """Epoch -> shuffled batches ({kind: (B, F)}, (B,)) of cached features. The last partial batch is
+    kept unless it holds one image (BatchNorm needs two)."""
+    def batches(epoch):
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + epoch))
+        for idx in order.to(labels.device).split(batch_size):  # (B,) each
+            if len(idx) > 1:
+                yield {k: f[idx] for k, f in feats.items()}, labels[idx]
+    return batches
+
+
+def streamed_batches(encoder, loader, kinds, device, autocast):
+    """Epoch -> batches of features extracted on the fly: freshly augmented crops (the paper's probe
+    training) or, without augmentation, a reshuffled pass when the features do not fit in memory."""
+    def batches(epoch):
+        loader.set_epoch(epoch)
+        for images, y in loader:
+            if len(y) < 2:  # BatchNorm needs two images
+                continue
+            with torch.no_grad(), autocast:
+                f = pooled_features(encoder, images.to(device, non_blocking=True), kinds)
+            yield f, y.to(device)
+    return batches
+
+
+def linear_probe(train_batches, val_feats, val_labels, num_classes, args, device, batch_size):
+    """Train one head per feature kind on the same batches; -> {kind: {train_top1, val_top1, val_top5}}.
+
+    train_batches(epoch) yields ({kind: (B, F)}, labels (B,)); val_feats {kind: (N, F)}.
+    train_top1 = accuracy on the last epoch's training batches (train mode, as they were seen)."""
+    heads = make_probe({k: f.shape[1] for k, f in val_feats.items()}, num_classes).to(device)
+    opt = probe_optimizer(heads, args, batch_size)
+    base_lr = opt.param_groups[0]["lr"]
+    heads.train()
+    correct, seen = {k: 0 for k in heads}, 0
+    for epoch in tqdm(range(args.probe_epochs), desc="linear probe", leave=False, dynamic_ncols=True):
+        for group in opt.param_groups:
+            group["lr"] = probe_lr_at(epoch, base_lr, args.probe_epochs)
+        correct, seen = {k: 0 for k in heads}, 0  # counted over the last epoch only
+        for feats, y in train_batches(epoch):
+            loss = 0.0
+            for k, head in heads.items():  # heads are independent: the summed loss trains each alone
+                logits = head(feats[k])  # (B, C)
+                loss = loss + F.cross_entropy(logits, y)
+                correct[k] += (logits.argmax(1) == y).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+    heads.eval()
+    out = {}
+    with torch.no_grad():
+        for k, head in heads.items():
+            val_top1, val_top5 = topk_accuracy(head(val_feats[k]), val_labels)
+            out[k] = {"train_top1": 100 * float(correct[k]) / max(seen, 1), "val_top1": val_top1,
+                      "val_top5": val_top5}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning (MAE recipe, compact)
+
+
+def layer_decay_groups(encoder, head, weight_decay, decay):
+    """AdamW groups with lr_scale = decay^(depth + 1 - layer): patch embedding and CLS are layer 0,
+    block i is layer i + 1, the final norm and the head layer depth + 1 (full lr). Biases, norms and
+    the CLS token get no weight decay."""
+    groups = {}
+    named = list(encoder.named_parameters()) + [(f"head.{n}", p) for n, p in head.named_parameters()]
+    for name, p in named:
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        elif name.startswith(("patch_embed", "cls_token")):
+            layer = 0
+        else:
+            layer = encoder.depth + 1
+        no_wd = p.ndim <= 1 or name == "cls_token"
+        group = groups.setdefault((layer, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                                                   "lr_scale": decay ** (encoder.depth + 1 - layer)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def ft_lr_at(step, peak, total, warmup, final):
+    """Linear warmup from 0, then cosine from peak to final; a pure function of the step."""
+    if step < warmup:
+        return peak * step / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def finetune(encoder, args, device):
+    """Full fine-tuning of a copy of the encoder with an average-pooled linear head (no CLS).
+    -> {val_top1, val_top5, train_loss} (percent; train_loss = mean of the last epoch)."""
+    autocast, scaler = train.make_autocast(args, device)  # scaler only for --amp fp16
+    train_loader = _eval_loader(args, "train", args.ft_batch_size, device=device, augment=True)
+    val_loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
+    net = copy.deepcopy(encoder).requires_grad_(True).train().to(device)
+    head = nn.Linear(net.embed_dim, train_loader.num_classes).to(device)
+    nn.init.trunc_normal_(head.weight, std=2e-5)  # near-zero start: the first steps do not wreck the encoder
+    nn.init.zeros_(head.bias)
+    peak = args.ft_lr * args.ft_batch_size / 256
+    opt = torch.optim.AdamW(layer_decay_groups(net, head, args.ft_wd, args.ft_layer_decay), lr=peak)
+    total = args.ft_epochs * len(train_loader)
+    warmup = round(args.ft_warmup_epochs * len(train_loader))
+    step, losses = 0, []
+    for epoch in tqdm(range(args.ft_epochs), desc="fine-tune", leave=False, dynamic_ncols=True):
+        train_loader.set_epoch(epoch)
+        losses = []
+        for images, y in train_loader:
+            for group in opt.param_groups:
+                group["lr"] = ft_lr_at(step, peak, total, warmup, args.ft_min_lr) * group["lr_scale"]
+            with autocast:
+                logits = head(net(images.to(device)).mean(1))  # (B, P, D) -> (B, D) -> (B, C)
+            loss = F.cross_entropy(logits.float(), y.to(device), label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            losses.append(loss.detach())
+            step += 1
+    net.eval()
+    scores, labels = [], []
+    with torch.no_grad(), autocast:
+        for images, y in val_loader:
+            scores.append(head(net(images.to(device)).mean(1)).float())  # (B, C)
+            labels.append(y.to(device))
+    top1, top5 = topk_accuracy(torch.cat(scores), torch.cat(labels))
+    train_loss = torch.stack(losses).mean().item() if losses else None
+    return {"val_top1": top1, "val_top5": top5, "train_loss": train_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# The picture: saliency, ranked regions, the DSeq plan step by step, an I-JEPA plan
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 200, 0], [145, 30, 180],
+                    [245, 130, 48], [70, 220, 220], [240, 50, 230]], np.float32)  # R_1, R_2, ...
+GREY = np.array([150, 150, 150], np.float32)  # the background region R_N
+# "magma"-like colour map, written as 5 anchors and linear interpolation: dark = low saliency
+CMAP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float32)
+CONTEXT_TINT = np.array([0, 190, 255], np.float32)  # I-JEPA context
+
+
+def colormap(v):
+    """v (...) in [0, 1] -> (..., 3) float RGB, piecewise linear through CMAP."""
+    x = np.clip(v, 0, 1) * (len(CMAP) - 1)
+    i = np.minimum(x.astype(int), len(CMAP) - 2)
+    f = (x - i)[..., None]
+    return CMAP[i] * (1 - f) + CMAP[i + 1] * f
+
+
+def region_colours(r, N):
+    """Region numbers (...) -> (..., 3): R_k gets PALETTE[k-1] (cycled), background (N or 0) grey."""
+    colours = PALETTE[(np.maximum(r, 1) - 1) % len(PALETTE)]
+    return np.where(((r == N) | (r == 0))[..., None], GREY, colours)
+
+
+def outline(mask, thickness=2):
+    """mask (H, W) bool -> its inner border (H, W) bool, `thickness` pixels wide."""
+    inner = mask
+    for _ in range(thickness):
+        p = np.pad(inner, 1)  # outside the panel counts as "not in the mask": edges get a border
+        inner = inner & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
+
+
+def plan_maps(plan, P):
+    """Plan -> dense per-row maps: context level (R, P) (0 = not context) and target membership
+    (R, G + 1, P) bool, [r, g, j] = patch j is a target of group g (group 0 = padding, unused)."""
+    R, G = plan.ctx_idx.shape[0], int(plan.tgt_grp.max())
+    ctx = torch.zeros(R, P, dtype=torch.long).scatter_reduce(1, plan.ctx_idx, plan.ctx_lvl, "amax")  # (R, P)
+    tgt = torch.zeros(R, (G + 1) * P, dtype=torch.bool)
+    tgt.scatter_(1, plan.tgt_grp * P + plan.tgt_idx, True)  # (R, (G+1)*P): slot = group * P + patch
+    return ctx, tgt.view(R, G + 1, P)  # (R, P), (R, G+1, P)
+
+
+@torch.no_grad()
+def plan_picture(target_encoder, args, path, device):
+    """PNG of held-out images, one row each: image | saliency | ranked regions | DSeq steps | I-JEPA.
+
+    The plans come from masking.py exactly as in training (dseq_plan in causal mode with the run's
+    order / prediction flags; sample_multiblock + ijepa_plan). On data with object masks (synthetic)
+    also scores the first --overlap-images held-out images: a patch is "object" if at least half of
+    its pixels are, and an image counts when its top region R_1 shares a patch with the object.
+    Returns {path, size, top_region_object_overlap, top_region_object_precision, object_area, ...}.
+    """
+    n_show, n_score = _opt(args, "picture_images"), _opt(args, "overlap_images")
+    one_process = argparse.Namespace(**{**vars(args), "num_workers": 0})  # rank 0 alone calls this
+    loader = _eval_loader(one_process, "val", max(n_show, n_score), device=device)
+    images, _ = next(iter(loader))  # the first held-out images, eval crop: (n, 3, S, S)
+    images = images.to(device)
+    n, N, (h, w) = len(images), args.regions, target_encoder.grid
+    was_training = target_encoder.training
+    target_encoder.eval()
+    z = target_encoder.features(images, layers=(args.saliency_layer,))[0].float()  # (n, P, D)
+    regions, sal = saliency.discriminative_regions(z, target_encoder.cls_token.float(), grid=(h, w),
+                                                   n_regions=N, alpha=args.alpha)  # (n, P) each
+    target_encoder.train(was_training)
+    regions, sal = regions.cpu(), sal.float().cpu()
+    ranked = regions.masked_fill(regions >= N, 0).amax(1)  # (n,) K, the ranked regions of each image
+    stats = {"images": n, "ranked_regions_per_image": ranked.float().mean().item()}
+
+    # --- top-region / object overlap (synthetic data knows where the object is)
+    stats.update(top_region_object_overlap=None, top_region_object_precision=None, object_area=None)
+    if hasattr(loader.source, "object_mask"):
+        p = args.patch_size
+        masks = torch.stack([loader.source.object_mask(i) for i in range(n)]).float()  # (n, S, S)
+        obj = masks.view(n, h, p, w, p).mean((2, 4)).flatten(1) >= 0.5  # (n, P) mostly-object patches
+        top = regions == 1  # (n, P)
+        hit = (top & obj).sum(1)  # (n,)
+        has_top = top.any(1)
+        stats["top_region_object_overlap"] = (hit > 0).float().mean().item()  # no R_1 = a miss
+        precision = hit[has_top] / top.sum(1)[has_top]  # share of R_1's patches on the object
+        stats["top_region_object_precision"] = precision.mean().item() if has_top.any() else 0.0
+        stats["object_area"] = obj.float().mean().item()  # the precision a random region would get
+
+    # --- the plans of the shown images, built by masking.py as in training
+    m, gen = min(n_show, n), torch.Generator().manual_seed(args.seed)
+    regions, sal, P = regions[:m], sal[:m], h * w
+    dplan = masking.dseq_plan(regions, mode="causal", order=args.region_order, prediction=args.prediction,
+                              generator=gen, num_regions=N)
+    d_ctx, d_tgt = plan_maps(dplan, P)  # (m, P), (m, G+1, P)
+    ctx_mask, tgt_masks = masking.sample_multiblock(m, (h, w), gen, n_targets=args.num_targets,
+                                                    target_scale=tuple(args.target_scale),
+                                                    context_scale=tuple(args.context_scale))
+    i_ctx, i_tgt = plan_maps(masking.ijepa_plan(ctx_mask, tgt_masks), P)  # (m, P), (m, M+1, P)
+
+    # --- layout: panels of >= ~128 px (nearest upscaling), a title block above
+    S = images.shape[-1]
+    scale = max(1, round(128 / S))
+    panel, cell, pad, line = S * scale, args.patch_size * scale, 4, 13
+    cols = 3 + (N - 1) + 1
+    title_h = 3 * line + 2 * pad
+    W, H = pad + cols * (panel + pad), title_h + m * (panel + pad) + pad
+    canvas = np.full((H, W, 3), 255, np.float32)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1) * 255
+    rgb = (images[:m].cpu() * std + mean).clamp(0, 255).permute(0, 2, 3, 1).numpy()  # (m, S, S, 3)
+    up = lambda a, s: a.repeat(s, 0).repeat(s, 1)  # (h, w, ...) -> (h*s, w*s, ...) nearest
+    labels = []  # (x, y, text) drawn after the pixels
+
+    def place(row, col, pix):
+        y, x = title_h + row * (panel + pad), pad + col * (panel + pad)
+        canvas[y:y + panel, x:x + panel] = pix
+        return x, y
+
+    for b in range(m):
+        img = up(rgb[b], scale)  # (panel, panel, 3)
+        dim = 0.3 * img + 40  # what is not context: dark, still readable
+        reg = regions[b].numpy().reshape(h, w)  # (h, w)
+        place(b, 0, img)
+        s = sal[b].numpy()
+        place(b, 1, up(colormap((s - s.min()) / (s.max() - s.min() + 1e-6)).reshape(h, w, 3), cell))
+        x0, y0 = place(b, 2, 0.4 * img + 0.6 * up(region_colours(reg, N), cell))
+        for r in np.unique(reg):  # the number at the region's patch nearest its centroid
+            rows_, cols_ = np.nonzero(reg == r)
+            j = np.argmin((rows_ - rows_.mean()) ** 2 + (cols_ - cols_.mean()) ** 2)
+            labels.append((x0 + (cols_[j] + 0.5) * cell, y0 + (rows_[j] + 0.5) * cell, str(r)))
+        # DSeq steps: step k has context R_1..R_k (levels <= k) in colour, target R_{k+1} outlined
+        L = int(dplan.n_regions[b]) if bool(dplan.dseq[b]) else 0
+        for k in range(1, N):
+            if k >= L:
+                place(b, 2 + k, np.full_like(img, 235))
+                if k == 1:
+                    labels.append((x0 + panel + pad + panel / 2, y0 + panel / 2, "< 2 regions:\nI-JEPA fallback"))
+                continue
+            ctx = up(((d_ctx[b] >= 1) & (d_ctx[b] <= k)).numpy().reshape(h, w), cell)  # (panel, panel)
+            tgt = up(d_tgt[b, k + 1].numpy().reshape(h, w), cell)  # (panel, panel)
+            pix = np.where(ctx[..., None], 0.4 * img + 0.6 * up(region_colours(reg, N), cell),
+                           np.where(tgt[..., None], img, dim))  # the target stays bright: visible at edges
+            place(b, 2 + k, np.where(outline(tgt, 3)[..., None], 255.0, pix))
+        # I-JEPA: context tinted, the M target blocks bright and outlined in PALETTE colours (may overlap)
+        ctx = up((i_ctx[b] > 0).numpy().reshape(h, w), cell)
+        tgt = up(i_tgt[b, 1:].any(0).numpy().reshape(h, w), cell)
+        pix = np.where(ctx[..., None], 0.55 * img + 0.45 * CONTEXT_TINT, np.where(tgt[..., None], img, dim))
+        for g in range(1, i_tgt.shape[1]):
+            border = outline(up(i_tgt[b, g].numpy().reshape(h, w), cell), 2)
+            pix = np.where(border[..., None], PALETTE[(g - 1) % len(PALETTE)], pix)
+        place(b, cols - 1, pix)
+
+    im = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    overlap = stats["top_region_object_overlap"]
+    draw.text((pad, pad), f"DSeq-JEPA plans on held-out images: saliency <q, z_j> of block {args.saliency_layer}, "
+              f"N = {N} regions (alpha {args.alpha}), order '{args.region_order}', {args.prediction} prediction"
+              + ("" if overlap is None else f"; R_1 overlaps the object in {100 * overlap:.0f}% of {n} images"),
+              fill=(0, 0, 0))
+    draw.text((pad, pad + line), "DSeq step k: context R_1..R_k in colour, target R_k+1 bright and outlined "
+              "white, rest dark; I-JEPA: context tinted blue, target blocks outlined", fill=(0, 0, 0))
+    heads = ["image", "saliency (min-max)", f"regions 1..{N} ({N} = bg)"]
+    heads += [f"step {k}: R1..R{k} -> R{k + 1}" for k in range(1, N)] + [f"I-JEPA, {args.num_targets} blocks"]
+    for c, text in enumerate(heads):
+        draw.text((pad + c * (panel + pad), pad + 2 * line), text, fill=(0, 0, 0))
+    for x, y, text in labels:
+        draw.multiline_text((x, y), text, fill=(0, 0, 0) if "\n" in text else (255, 255, 255), anchor="mm",
+                            align="center", stroke_width=0 if "\n" in text else 2, stroke_fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im.save(path)
+    return {"path": path, "size": [W, H], **stats}
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def main(argv=None):
+    """The command line (see the top of the file). Returns the report that is also written as JSON."""
+    args, ckpt = resolve_config(argv)
+    device = train.pick_device(args, 0)
+    torch.manual_seed(args.seed)  # the random-init baseline and the probe heads are reproducible
+    evals = args.eval.split(",")
+    init = "pixels" if args.pixels else args.init
+    encoder, kinds = None, ["pixels"]
+    if not args.pixels:
+        if ckpt is not None:
+            encoder = load_target_encoder(ckpt, args, args.checkpoint)
+        else:
+            encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size).requires_grad_(False)
+        encoder = encoder.eval().to(device)
+        kinds = ["last", "concat4"] if args.features == "both" else [args.features]
+    autocast, _ = train.make_autocast(args, device)
+    cache = args.probe_cache if args.probe_cache is not None else not args.probe_aug
+    what = args.checkpoint or f"{args.model} ViT" if encoder is not None else "(no encoder)"
+    print(f"evaluating {init} {what} ({args.dataset}, {args.img_size} px) on {device}: {', '.join(evals)}; "
+          f"features {', '.join(kinds)}")
+    results = []  # one row per number: {eval, features, metric, value, ...settings}
+
+    def add(ev, feats, metric, value, **extra):
+        results.append({"eval": ev, "features": feats, "metric": metric, "value": value, **extra})
+
+    # 1. features of the training split (the kNN bank, the cached probe) and of the val split
+    if "knn" in evals or "linear" in evals:
+        bank_loader = _eval_loader(args, "train", args.eval_batch_size, device=device)
+        val_loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
+        num_classes = bank_loader.num_classes
+        bank, bank_y = None, None
+        if "knn" in evals or cache:
+            bank, bank_y = extract(encoder, bank_loader, kinds, device, autocast, "train features")
+        val, val_y = extract(encoder, val_loader, kinds, device, autocast, "val features")
+    # 2. kNN
+    if "knn" in evals:
+        for f in kinds:
+            votes = knn_votes(bank[f], bank_y, val[f], num_classes, args.knn_k, args.knn_t)
+            for k in args.knn_k:
+                top1, top5 = topk_accuracy(votes[k], val_y)
+                add("knn", f, "val_top1", top1, k=k, T=args.knn_t)
+                add("knn", f, "val_top5", top5, k=k, T=args.knn_t)
+    # 3. linear probe, on cached features or on features streamed every epoch
+    if "linear" in evals:
+        if cache:
+            batches = cached_batches(bank, bank_y, args.probe_batch_size, args.seed)
+        else:
+            loader = _eval_loader(args, "train", args.probe_batch_size, device=device, augment=args.probe_aug)
+            loader.sampler.shuffle = True  # without augmentation the eval loader has a fixed order
+            batches = streamed_batches(encoder, loader, kinds, device, autocast)
+        threads = torch.get_num_threads()
+        if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
+            torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
+        probe = linear_probe(batches, val, val_y, num_classes, args, device, args.probe_batch_size)
+        torch.set_num_threads(threads)
+        for f, r in probe.items():
+            for metric, value in r.items():
+                add("linear", f, metric, value, epochs=args.probe_epochs, augment=args.probe_aug)
+    # 4. fine-tuning
+    if "finetune" in evals:
+        for metric, value in finetune(encoder, args, device).items():
+            add("finetune", "last", metric, value, epochs=args.ft_epochs)
+    # 5. the picture and the top-region / object overlap
+    name = args.eval_name or f"{init}_{time.strftime('%Y%m%d-%H%M%S')}"
+    os.makedirs(args.out_dir, exist_ok=True)
+    if "picture" in evals:
+        pic = plan_picture(encoder, args, os.path.join(args.out_dir, f"plans_{name}.png"), device)
+        for metric in ("top_region_object_overlap", "top_region_object_precision", "object_area",
+                       "ranked_regions_per_image"):
+            add("picture", "saliency", metric, pic[metric], images=pic["images"])
+        print(f"wrote {pic['path']}")
+
+    # 6. one JSON file per run, and a table
+    report = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "init": init,
+              "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
+              "step": ckpt["step"] if ckpt else None,
+              "data": {"dataset": args.dataset, "data_path": args.data_path, "bank_split": "train",
+                       "eval_split": "val", "img_size": args.img_size},
+              "results": results, "config": vars(args)}
+    path = os.path.join(args.out_dir, f"eval_{name}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    print(f"\n{'eval':<10}{'features':<10}{'metric':<30}{'value':>10}")
+    for r in results:
+        metric = r["metric"] + (f" (k={r['k']})" if "k" in r else "")
+        digits = 3 if r["eval"] == "picture" else 2  # shares in [0, 1] vs accuracies in percent
+        value = "n/a" if r["value"] is None else f"{r['value']:.{digits}f}"
+        print(f"{r['eval']:<10}{r['features']:<10}{metric:<30}{value:>10}")
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

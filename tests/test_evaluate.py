@@ -1,0 +1,344 @@
+"""evaluate.py: kNN, linear probe, fine-tuning, checkpoint loading, the plan picture, on the CPU."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+import data
+import evaluate
+import masking
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Data flags shared by the runs below: synthetic 16 px images, 4 x 4 patch grid, a micro ViT.
+DATA = ["--img-size", "16", "--patch-size", "4", "--num-train", "160", "--num-val", "64",
+        "--num-workers", "0", "--device", "cpu"]
+TINY = DATA + ["--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--batch-size", "16",
+               "--epochs", "1", "--knn-every", "0", "--alpha", "0.1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Everything here is tiny: with 2 threads on shared cores, OpenMP barriers dominate (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One complete 1-epoch training run (10 steps); train.py itself calls knn_monitor and
+    plan_picture at the end, with ITS args (no evaluation group): the integration we need."""
+    out = str(tmp_path_factory.mktemp("run"))
+    assert train.main(TINY + ["--out-dir", out]) == 10
+    return out, os.path.join(out, "checkpoint.pt")
+
+
+def eval_args(*flags):
+    return train.parse_args(list(flags), evaluate.get_args_parser())
+
+
+# ---------------------------------------------------------------------------------------------
+# kNN: cosine similarity, k nearest, votes weighted exp(sim / T)
+
+
+def test_knn_weighted_vote_matches_hand_computation():
+    # query (1, 0); bank similarities 1 (class 0), 1/sqrt 2 (class 1), 0 (class 1), -1 (class 0)
+    bank = torch.tensor([[3.0, 0.0], [0.0, 0.5], [2.0, 2.0], [-1.0, 0.0]])  # norms differ: L2-normalised
+    labels = torch.tensor([0, 1, 1, 0])
+    votes = evaluate.knn_votes(bank, labels, torch.tensor([[1.0, 0.0]]), num_classes=2, ks=[1, 3], T=0.5)
+    assert torch.allclose(votes[1], torch.tensor([[math.exp(2.0), 0.0]]))
+    expected = torch.tensor([[math.exp(2.0), math.exp(math.sqrt(0.5) / 0.5) + math.exp(0.0)]])
+    assert torch.allclose(votes[3], expected)
+    # Two of the three neighbours are class 1, but the weighted vote picks the much closer class 0.
+    assert votes[3].argmax().item() == 0
+    # Chunking the similarity matrix (here one query row at a time) changes nothing.
+    queries = torch.randn(7, 2)
+    a = evaluate.knn_votes(bank, labels, queries, 2, [3], 0.07)[3]
+    b = evaluate.knn_votes(bank, labels, queries, 2, [3], 0.07, max_entries=1)[3]
+    assert torch.equal(a, b)
+
+
+def test_knn_two_clusters_and_top5():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(8)[:7] * 10  # 7 well separated classes
+    bank_y, query_y = torch.arange(140) % 7, torch.arange(70) % 7
+    bank = centres[bank_y] + torch.randn(140, 8, generator=g)
+    query = centres[query_y] + torch.randn(70, 8, generator=g)
+    votes = evaluate.knn_votes(bank, bank_y, query, 7, [20], 0.07)[20]
+    assert evaluate.topk_accuracy(votes, query_y) == (100.0, 100.0)
+    # Random features: top-5 >= top-1; with 7 classes 5 guesses are right about 5/7 of the time.
+    noise = evaluate.knn_votes(torch.randn(140, 8, generator=g), bank_y, torch.randn(700, 8, generator=g),
+                               7, [20], 0.07)[20]
+    top1, top5 = evaluate.topk_accuracy(noise, torch.arange(700) % 7)
+    assert top1 <= top5 and 50 < top5 < 90
+    # Scores that put the right class 3rd: not top-1, but top-5.
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert evaluate.topk_accuracy(scores, torch.tensor([2])) == (0.0, 100.0)
+    assert evaluate.topk_accuracy(scores, torch.tensor([6])) == (0.0, 0.0)
+
+
+def test_interleave_undoes_the_distributed_sampler_padding():
+    for n, world in ((7, 2), (8, 2), (10, 3), (5, 4)):
+        parts = [torch.tensor(list(DistributedSampler(range(n), world, r, shuffle=False))) for r in range(world)]
+        assert torch.equal(evaluate.interleave(parts, n), torch.arange(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe: BatchNorm (no affine) + Linear, SGD momentum 0.9 Nesterov, step decay
+
+
+def test_probe_optimizer_really_uses_nesterov_momentum():
+    """Official fault 6: the probe's SGD ran without momentum. One step with gradient g from p = 0
+    (no weight-decay term) moves p by -lr * (g + 0.9 g) under Nesterov, -lr * g without momentum."""
+    args = eval_args()
+    heads = evaluate.make_probe({"last": 4}, 3)
+    opt = evaluate.probe_optimizer(heads, args, batch_size=256)
+    group = opt.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"], group["lr"]) == (0.9, True, 5e-4, 0.01)
+    assert not any(isinstance(m, nn.BatchNorm1d) and m.affine for m in heads.modules())
+    w = heads["last"][1].weight
+    with torch.no_grad():
+        w.zero_()
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert torch.allclose(w, torch.full_like(w, -0.01 * 1.9))
+    assert opt.state[w]["momentum_buffer"] is not None
+    assert evaluate.probe_optimizer(heads, args, batch_size=64).param_groups[0]["lr"] == pytest.approx(0.0025)
+
+
+def test_probe_lr_steps_at_8_16_24_scaled_to_the_epochs():
+    lrs = [evaluate.probe_lr_at(e, 1.0, 28) for e in (0, 7, 8, 15, 16, 23, 24, 27)]
+    assert lrs == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert [evaluate.probe_lr_at(e, 1.0, 14) for e in (3, 4, 8, 12)] == pytest.approx([1, 0.1, 0.01, 0.001])
+    assert evaluate.probe_lr_at(0, 1.0, 1) == 1.0  # a 1-epoch probe never decays
+
+
+def test_probe_learns_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 32, generator=g) * 1.5
+    y = torch.arange(1200) % 4
+    x = (means[y] + torch.randn(1200, 32, generator=g)) * 5 + 3  # unnormalised: BatchNorm handles the scale
+    noise = torch.randn(1200, 32, generator=g)
+    feats = {"last": x, "concat4": torch.cat([x, noise], 1)}  # concat4: twice as wide, half noise
+    train_feats = {k: f[:1000] for k, f in feats.items()}
+    val_feats = {k: f[1000:] for k, f in feats.items()}
+    args = eval_args("--probe-epochs", "5")  # the paper's recipe: lr 0.01 x 64 / 256, momentum, decay
+    batches = evaluate.cached_batches(train_feats, y[:1000], 64, seed=0)
+    out = evaluate.linear_probe(batches, val_feats, y[1000:], 4, args, "cpu", 64)
+    for kind in ("last", "concat4"):  # both heads trained at once on the same batches
+        assert out[kind]["val_top1"] > 95 and out[kind]["train_top1"] > 90
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: train -> evaluate round trip, strict loading, clear errors
+
+
+def test_checkpoint_round_trip_knn_and_cached_probe(trained, tmp_path):
+    out, ckpt_path = trained
+    # train.py ran its end-of-training hooks through evaluate.py
+    knn_rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if "knn_top1" in l]
+    assert knn_rows and knn_rows[-1]["knn_k"] == 20 and knn_rows[-1]["knn_split"] == "val"
+    assert os.path.exists(os.path.join(out, "plans.png"))
+
+    report = evaluate.main(["--checkpoint", ckpt_path, "--eval", "knn,linear", "--probe-epochs", "1",
+                            "--knn-k", "5", "20", "--num-val", "48", "--out-dir", str(tmp_path), "--eval-name", "rt",
+                            "--device", "cpu", "--num-workers", "0"])
+    saved = json.load(open(tmp_path / "eval_rt.json"))
+    assert saved["results"] == report["results"] and saved["step"] == 10 and saved["init"] == "checkpoint"
+    assert saved["checkpoint"] == os.path.abspath(ckpt_path)
+    cfg = saved["config"]
+    # model flags come from the checkpoint (the demo preset would say 32 px), data flags typed here win
+    assert (cfg["img_size"], cfg["patch_size"], cfg["model"], cfg["alpha"]) == (16, 4, "micro", 0.1)
+    assert cfg["num_val"] == 48 and cfg["num_train"] == 160
+    rows = {(r["eval"], r["features"], r["metric"], r.get("k")): r["value"] for r in saved["results"]}
+    for f in ("last", "concat4"):
+        for k in (5, 20):
+            assert 0 <= rows["knn", f, "val_top1", k] <= rows["knn", f, "val_top5", k] <= 100
+        assert 0 <= rows["linear", f, "val_top1", None] <= 100 and ("linear", f, "train_top1", None) in rows
+    # knn_monitor's number is the same protocol: "last" features, k = 20 (here on 48 val images)
+    args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path, "--num-val", "48"])
+    enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
+    assert evaluate.knn_monitor(enc, args, torch.device("cpu"))["top1"] == pytest.approx(rows["knn", "last", "val_top1", 20])
+
+
+def test_target_encoder_loads_strictly_with_its_cls_token(trained):
+    """Official fault 6: their evaluation could not load their own checkpoints (cls_token)."""
+    _, ckpt_path = trained
+    args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path])
+    enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
+    state = enc.state_dict()
+    assert set(state) == set(ckpt["target_encoder"]) and "cls_token" in state
+    assert all(torch.equal(state[k], ckpt["target_encoder"][k]) for k in state)
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
+    _, ckpt_path = trained
+    with pytest.raises(SystemExit, match="--model tiny does not match .* trained with --model micro"):
+        evaluate.resolve_config(["--checkpoint", ckpt_path, "--model", "tiny"])
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    # a config that does not fit the weights (e.g. another model size): shapes and flags are named
+    bad = {**ckpt, "config": {**ckpt["config"], "model": "tiny"}}
+    torch.save(bad, tmp_path / "size.pt")
+    args, loaded = evaluate.resolve_config(["--checkpoint", str(tmp_path / "size.pt")])
+    with pytest.raises(SystemExit, match=r"--model tiny .*shape mismatches .*cls_token \(1, 1, 96\) vs \(1, 1, 192\)"):
+        evaluate.load_target_encoder(loaded, args, str(tmp_path / "size.pt"))
+    # missing / unexpected keys are listed by name
+    state = dict(ckpt["target_encoder"])
+    state["head.weight"] = state.pop("norm.weight")
+    torch.save({**ckpt, "target_encoder": state}, tmp_path / "keys.pt")
+    args, loaded = evaluate.resolve_config(["--checkpoint", str(tmp_path / "keys.pt")])
+    with pytest.raises(SystemExit, match=r"missing keys \['norm.weight'\], unexpected keys \['head.weight'\]"):
+        evaluate.load_target_encoder(loaded, args, str(tmp_path / "keys.pt"))
+    with pytest.raises(SystemExit, match="does not exist; check --checkpoint"):
+        evaluate.resolve_config(["--checkpoint", str(tmp_path / "nope.pt")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "give --checkpoint PATH"),
+    (["--init", "random", "--eval", "knn,probe"], "unknown ['probe']"),
+    (["--pixels", "--eval", "picture"], "no encoder"),
+    (["--init", "random", "--probe-aug", "--probe-cache"], "cannot cache augmented"),
+])
+def test_bad_eval_flags_fail_at_parse_time(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.resolve_config(flags)
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and fine-tuning
+
+
+def test_random_init_and_pixel_baselines(tmp_path):
+    # random init + kNN + a probe streaming features (no cache) + 1 epoch of fine-tuning
+    rand = evaluate.main(["--init", "random", "--model", "micro", *DATA, "--eval", "knn,linear,finetune",
+                          "--features", "last", "--no-probe-cache", "--probe-epochs", "1", "--ft-epochs", "1",
+                          "--ft-warmup-epochs", "0.5", "--ft-batch-size", "32", "--out-dir", str(tmp_path),
+                          "--eval-name", "rand"])
+    assert rand["init"] == "random" and rand["checkpoint"] is None
+    metrics = {(r["eval"], r["metric"]) for r in rand["results"]}
+    assert {("knn", "val_top1"), ("linear", "val_top1"), ("finetune", "val_top1"), ("finetune", "train_loss")} <= metrics
+    # raw pixels, probe on augmented crops re-extracted every epoch (the paper's probe training)
+    pix = evaluate.main(["--pixels", *DATA, "--eval", "linear", "--probe-epochs", "2", "--probe-aug",
+                         "--probe-batch-size", "32", "--out-dir", str(tmp_path), "--eval-name", "pix"])
+    assert {r["features"] for r in pix["results"]} == {"pixels"} and pix["results"][0]["augment"]
+    assert os.path.exists(tmp_path / "eval_rand.json") and os.path.exists(tmp_path / "eval_pix.json")
+
+
+def test_layer_wise_lr_decay_groups():
+    enc = train.build_models(eval_args("--model", "micro", "--img-size", "16", "--patch-size", "4"))[2]
+    head = nn.Linear(enc.embed_dim, 10)
+    groups = evaluate.layer_decay_groups(enc, head, 0.05, 0.75)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    d = enc.depth
+    assert scale[id(head.weight)] == (1.0, 0.05) and scale[id(enc.norm.weight)] == (1.0, 0.0)
+    assert scale[id(enc.blocks[d - 1].mlp.fc1.weight)] == (0.75, 0.05)
+    assert scale[id(enc.blocks[0].attn.qkv.bias)] == (pytest.approx(0.75 ** d), 0.0)
+    assert scale[id(enc.patch_embed.weight)] == (pytest.approx(0.75 ** (d + 1)), 0.05)
+    assert scale[id(enc.cls_token)] == (pytest.approx(0.75 ** (d + 1)), 0.0)
+    assert len(scale) == sum(1 for _ in enc.parameters()) + 2
+    assert evaluate.ft_lr_at(0, 1.0, 100, 10, 0.0) == 0 and evaluate.ft_lr_at(10, 1.0, 100, 10, 0.0) == 1.0
+    assert evaluate.ft_lr_at(100, 1.0, 100, 10, 1e-6) == pytest.approx(1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The picture and the top-region / object overlap
+
+
+def test_plan_maps_recover_the_dseq_plan():
+    regions = torch.tensor([[1, 1, 2, 5, 5, 3], [5, 5, 5, 5, 5, 5]])  # sample 2: background only
+    plan = masking.dseq_plan(regions, num_regions=5)
+    ctx, tgt = evaluate.plan_maps(plan, 6)
+    assert ctx[0].tolist() == [1, 1, 2, 0, 0, 3]  # R_1..R_3 are context levels 1..3; background never
+    assert tgt[0, 2].tolist() == [0, 0, 1, 0, 0, 0] and tgt[0, 3].tolist() == [0, 0, 0, 0, 0, 1]
+    assert tgt[0, 4].tolist() == [0, 0, 0, 1, 1, 0]  # the background is the last target
+    assert not ctx[1].any() and not tgt[1, 1:].any()  # no plan: padding only (group 0)
+
+
+def test_picture_is_written_and_not_blank(trained, tmp_path):
+    _, ckpt_path = trained
+    args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path])
+    enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
+    path = str(tmp_path / "plans.png")
+    out = evaluate.plan_picture(enc, args, path, "cpu")
+    im = np.asarray(Image.open(path).convert("RGB"))
+    panel, pad, cols, rows = 16 * 8, 4, 3 + (args.regions - 1) + 1, 6  # 16 px upscaled x8 to 128
+    assert im.shape == (3 * 13 + 2 * pad + rows * (panel + pad) + pad, pad + cols * (panel + pad), 3)
+    assert [im.shape[1], im.shape[0]] == out["size"]
+    assert im.std() > 30 and len(np.unique(im.reshape(-1, 3), axis=0)) > 200
+    assert 0 <= out["top_region_object_overlap"] <= 1 and out["images"] == 64
+
+
+def test_top_region_object_overlap_scores_the_object(trained, tmp_path, monkeypatch):
+    """Fake saliency that makes R_1 exactly the object's patches -> overlap 1, precision 1; R_1 = the
+    patches farthest from the object -> overlap 0. Checks the mask / patch-grid alignment."""
+    _, ckpt_path = trained
+    args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path])
+    enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
+    ds, _ = data.build_dataset("synthetic", None, "val", 16, synthetic_size=64)
+    obj = torch.stack([ds.object_mask(i) for i in range(64)]).float().view(64, 4, 4, 4, 4).mean((2, 4)).flatten(1) >= 0.5
+
+    def fake(top):
+        return lambda z, cls, grid, n_regions, alpha: (torch.where(top, 1, n_regions), top.float())
+
+    monkeypatch.setattr(evaluate.saliency, "discriminative_regions", fake(obj))
+    out = evaluate.plan_picture(enc, args, str(tmp_path / "a.png"), "cpu")
+    assert out["top_region_object_overlap"] == pytest.approx(obj.any(1).float().mean().item())
+    assert out["top_region_object_precision"] == 1.0 and out["object_area"] == pytest.approx(obj.float().mean().item())
+    monkeypatch.setattr(evaluate.saliency, "discriminative_regions", fake(~obj))
+    assert evaluate.plan_picture(enc, args, str(tmp_path / "b.png"), "cpu")["top_region_object_overlap"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: two gloo processes give the same kNN result as one (the padded shard is trimmed)
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    import evaluate, train
+    args = train.parse_args({flags!r})
+    torch.manual_seed(0)
+    target = train.build_models(args)[2]
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    result = evaluate.knn_monitor(target, args, torch.device("cpu"))
+    if int(os.environ.get("RANK", 0)) == 0:
+        json.dump(result, open(sys.argv[1], "w"))
+    if "RANK" in os.environ:
+        gathered = [None, None]
+        dist.all_gather_object(gathered, result)
+        assert gathered[0] == gathered[1], gathered
+        dist.destroy_process_group()
+""")
+
+
+def test_knn_monitor_under_two_gloo_processes_equals_one(tmp_path):
+    script = tmp_path / "knn_ddp.py"
+    flags = TINY + ["--num-val", "63"]  # odd: the DistributedSampler pads rank 1's shard with a repeat
+    script.write_text(DDP_SCRIPT.format(root=ROOT, flags=flags))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, multi = tmp_path / "single.json", tmp_path / "multi.json"
+    subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=300)
+    with socket.socket() as s:  # a free port: parallel test runs must not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                    str(script), str(multi)], check=True, env=env, timeout=300)
+    a, b = json.load(open(single)), json.load(open(multi))
+    assert a["n_query"] == b["n_query"] == 63 and a["n_bank"] == b["n_bank"] == 160
+    assert a["top1"] == pytest.approx(b["top1"]) and a["top5"] == pytest.approx(b["top5"])

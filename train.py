@@ -1,0 +1,564 @@
+"""
+Pretrain a ViT with DSeq-JEPA (or I-JEPA, the same code with lambda = 0).
+
+    python train.py                                   # demo: micro ViT, synthetic data, CPU minutes
+    python train.py --preset fashion-mnist-tiny --data-path DIR
+    torchrun --nproc_per_node=8 train.py --preset in1k-vit-base --data-path /data/imagenet
+
+The step (train_step below) reads top to bottom as the paper:
+  1. targets + saliency from the EMA target encoder (no grad)       saliency.py, Eq. 1-3
+  2. the plan: which patches are context / targets at which level   masking.py, Eq. 5 + lambda
+  3. context encoder on the context tokens                          model.py
+  4. predictor on the plan's targets                                model.py
+  5. smooth-L1 loss on layer-normed targets (fp32)
+  6. backward + AdamW step (train loop)
+  7. EMA update of the target encoder
+Schedules (lr, wd, EMA momentum, lambda) are pure functions of the global step, so resuming needs
+only the step. Only rank 0 logs and writes.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import masking
+import model as vit
+import saliency
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: one parser, shared with evaluate.py. Presets set many defaults at once; any
+# flag given on the command line still wins.
+
+PRESETS = {
+    # A few minutes on a 2-core CPU: shows every part of the method end to end.
+    "demo": dict(dataset="synthetic", img_size=32, patch_size=4, model="micro", pred_dim=64,
+                 pred_depth=3, epochs=6, batch_size=64, warmup_epochs=1, lr=1e-3, num_train=6000,
+                 num_val=1000, knn_every=0, ckpt_every=200),
+    # Small-compute research settings: 8 x 8 patches of 4 px on 32 px images.
+    "cifar10-tiny": dict(dataset="cifar10", img_size=32, patch_size=4, model="tiny", pred_dim=192,
+                         pred_depth=6, epochs=100, batch_size=256, warmup_epochs=10, lr=1e-3),
+    "fashion-mnist-tiny": dict(dataset="fashion_mnist", img_size=32, patch_size=4, model="tiny",
+                               pred_dim=192, pred_depth=6, epochs=100, batch_size=256,
+                               warmup_epochs=10, lr=1e-3),
+    # The official small setting: ViT-T/16 on a 10 % ImageNet-1K subset, 256 images per GPU.
+    "in1k-vit-tiny-10pct": dict(dataset="imagefolder", img_size=224, patch_size=16, model="tiny",
+                                pred_dim=192, pred_depth=6, epochs=100, batch_size=2048,
+                                warmup_epochs=15, lr=1e-3),
+    # Paper settings (batch 2048 global).
+    "in1k-vit-base": dict(dataset="imagefolder", img_size=224, patch_size=16, model="base",
+                          pred_dim=384, pred_depth=6, epochs=600, batch_size=2048, warmup_epochs=15),
+    "in1k-vit-huge448": dict(dataset="imagefolder", img_size=448, patch_size=16, model="huge",
+                             pred_dim=384, pred_depth=12, epochs=300, batch_size=2048, warmup_epochs=15),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DSeq-JEPA", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="sets many defaults at once (flags given explicitly still win)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", help="synthetic | cifar10 | cifar100 | fashion_mnist | mnist | imagefolder")
+    g.add_argument("--data-path", default=None, help="dataset root folder (not needed for synthetic)")
+    g.add_argument("--subset-file", default=None, help="imagefolder only: list of relative image paths to use (official 10%% ImageNet subset)")
+    g.add_argument("--img-size", type=int, default=224, help="input resolution (paper: 224; 448 for ViT-H)")
+    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (paper: 16)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.3, 1.0), help="RandomResizedCrop scale range (paper: 0.3 1.0)")
+    g.add_argument("--num-train", type=int, default=10000, help="synthetic only: number of training images")
+    g.add_argument("--num-val", type=int, default=2000, help="synthetic only: number of held-out images")
+    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
+                   help="keep small datasets as uint8 on the device and crop batches there (auto: on for CUDA)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="base", choices=list(vit.SIZES), help="encoder size (paper: base; huge)")
+    g.add_argument("--pred-dim", type=int, default=384, help="predictor width (I-JEPA: 384; official DSeq config: 192)")
+    g.add_argument("--pred-depth", type=int, default=6, help="predictor depth (paper: 6 for ViT-B, 12 for ViT-H)")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["dseq", "ijepa"], default="dseq", help="ijepa = lambda fixed at 0 (random multi-block plans only)")
+    g.add_argument("--dseq-pass", choices=["causal", "replicate"], default="causal",
+                   help="causal: one block-causal pass for all of Eq. 5 (ours); replicate: one row per step (official structure, correct contexts)")
+    g.add_argument("--regions", type=int, default=5, help="N, number of regions incl. background (paper: 5)")
+    g.add_argument("--alpha", type=float, default=0.15, help="drop components smaller than alpha*h*w patches (paper: 0.15)")
+    g.add_argument("--saliency-layer", type=int, default=-2, help="target-encoder block for saliency (paper: -2, block 10 of 12)")
+    g.add_argument("--region-order", choices=["saliency", "random", "reverse", "raster"], default="saliency",
+                   help="prediction order of the ranked regions (ablation; paper: saliency)")
+    g.add_argument("--prediction", choices=["sequential", "flat"], default="sequential",
+                   help="sequential (Eq. 5) or flat: every region predicted from R_1 alone (ablation)")
+    g.add_argument("--region-source", choices=["saliency", "blocks"], default="saliency",
+                   help="regions from saliency (paper) or random I-JEPA blocks predicted sequentially (ablation)")
+    g.add_argument("--lambda-coin", choices=["sample", "batch"], default="sample",
+                   help="draw the DSeq-vs-I-JEPA choice per sample, or once per batch (official code)")
+    g.add_argument("--num-targets", type=int, default=4, help="I-JEPA target blocks per image (paper: 4)")
+    g.add_argument("--target-scale", type=float, nargs=2, default=(0.15, 0.2), help="I-JEPA target block scale (paper: 0.15 0.2)")
+    g.add_argument("--context-scale", type=float, nargs=2, default=(0.85, 1.0), help="I-JEPA context block scale (paper: 0.85 1.0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=600, help="pretraining epochs (paper: 600 ViT-B, 300 ViT-H)")
+    g.add_argument("--batch-size", type=int, default=2048, help="GLOBAL batch size over all processes (paper: 2048)")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 1e-3)")
+    g.add_argument("--start-lr", type=float, default=1e-4, help="learning rate at step 0 of warmup (paper: 1e-4)")
+    g.add_argument("--final-lr", type=float, default=1e-6, help="learning rate at the end of the cosine (paper: 1e-6)")
+    g.add_argument("--warmup-epochs", type=float, default=15, help="linear warmup epochs (paper: 15)")
+    g.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at step 0 (paper: 0.04)")
+    g.add_argument("--final-weight-decay", type=float, default=0.4, help="weight decay at the end, cosine ramp (paper: 0.4)")
+    g.add_argument("--ema", type=float, nargs=2, default=(0.996, 1.0), help="EMA momentum start and end, linear (paper: 0.996 1.0)")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="clip the global grad norm (0 = off; paper: off)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                   help="autocast dtype: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile encoder and predictor (default: on for CUDA)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
+    g.add_argument("--out-dir", default="out", help="checkpoints, metrics.jsonl, config.json and pictures go here")
+    g.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUT_DIR/checkpoint.pt if present)")
+    g.add_argument("--no-auto-resume", action="store_true", help="start fresh even if OUT_DIR holds a checkpoint (it is overwritten)")
+    g.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps (and at the end)")
+    g.add_argument("--log-every", type=int, default=10, help="append to metrics.jsonl every this many steps")
+    g.add_argument("--knn-every", type=int, default=10, help="kNN monitor on the held-out split every this many epochs (0 = only at the end)")
+    g.add_argument("--stop-at-step", type=int, default=0, help="stop with a checkpoint at this global step without changing the schedules (0 = run to the end)")
+    g.add_argument("--picture", action=argparse.BooleanOptionalAction, default=True,
+                   help="write a picture of saliency regions and plans at the end")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """Parse with presets: the preset's values become defaults, explicit flags override them."""
+    parser = parser or get_args_parser()
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args
+
+
+def check_args(args, parser):
+    """Bad flag combinations fail here, at parse time, with the fix in the message."""
+    try:
+        data.check_img_size(args.img_size, args.patch_size)
+    except data.DataError as e:
+        parser.error(f"--img-size / --patch-size: {e}")
+    if args.regions < 2:
+        parser.error(f"--regions {args.regions}: need at least 2 (one ranked region and the background)")
+    if args.method == "ijepa" and (args.dseq_pass != "causal" or args.region_order != "saliency"
+                                   or args.prediction != "sequential" or args.region_source != "saliency"):
+        parser.error("DSeq flags (--dseq-pass/--region-order/--prediction/--region-source) have no effect with --method ijepa; drop them")
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha {args.alpha} must be in (0, 1) (paper: 0.15)")
+    if args.amp == "fp16" and args.device == "cpu":
+        parser.error("--amp fp16 needs CUDA; use --amp none (or bf16) on the CPU")
+    if args.dataset != "synthetic" and args.data_path is None:
+        parser.error(f"--dataset {args.dataset} needs --data-path (the folder holding it)")
+    if args.accum_steps < 1 or args.batch_size < 1:
+        parser.error("--batch-size and --accum-steps must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: pure functions of the global step (resume = knowing the step).
+
+
+def lr_at(step, args, total, warmup):
+    if step < warmup:
+        return args.start_lr + (args.lr - args.start_lr) * step / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return args.final_lr + (args.lr - args.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def wd_at(step, args, total):  # cosine ramp UP from 0.04 to 0.4, as I-JEPA
+    t = step / max(1, total)
+    return args.final_weight_decay + (args.weight_decay - args.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_at(step, args, total):
+    return args.ema[0] + (args.ema[1] - args.ema[0]) * step / max(1, total)
+
+
+def lambda_at(step, args, total):  # curriculum: probability of a discriminative plan, 0 -> 1
+    return 0.0 if args.method == "ijepa" else step / max(1, total)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and the step
+
+
+def build_models(args):
+    """Context encoder f, predictor g, and target encoder f_bar (a frozen copy, updated by EMA)."""
+    encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+    predictor = vit.predictor_for(encoder, pred_dim=args.pred_dim, depth=args.pred_depth)
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    return encoder, predictor, target_encoder
+
+
+def make_optimizer(encoder, predictor, args):
+    """AdamW; biases and 1-D (norm) weights get no weight decay, as I-JEPA."""
+    params = [p for m in (encoder, predictor) for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0, "no_decay": True}],
+                             lr=args.lr)
+
+
+def make_targets(target_encoder, images, args):
+    """Step 1: regression targets and discriminative regions, from the EMA target encoder.
+
+    images: (B, 3, H, W) -> targets (B, P, D) fp32, regions (B, P) int64 or None, stats dict
+    """
+    z_sal, h = target_encoder.features(images, layers=(args.saliency_layer, -1))  # (B, P, D) x 2
+    targets = F.layer_norm(h.float(), (h.shape[-1],))  # (B, P, D), the I-JEPA target
+    # Collapse signal: spread of the pooled representation across images (-> 0 if collapsed).
+    stats = {"target_std": h.float().mean(1).std(0).mean()}
+    regions = None
+    if args.method == "dseq" and args.region_source == "saliency":
+        regions, _ = saliency.discriminative_regions(z_sal.float(), target_encoder.cls_token.float(),
+                                                     grid=target_encoder.grid, n_regions=args.regions,
+                                                     alpha=args.alpha)  # (B, P)
+        ranked = (regions < args.regions).float()  # (B, P), patch lies in some R_1..R_{N-1}
+        stats["ranked_regions"] = regions.masked_fill(regions >= args.regions, 0).amax(1).float().mean()
+        stats["salient_share"] = ranked.mean()
+    return targets, regions, stats
+
+
+def make_plan(regions, lam, generator, grid, args, batch_size, device):
+    """Step 2: the per-sample lambda mix of discriminative and multi-block plans (masking.py)."""
+    return masking.make_plan(regions, lam, generator, grid, batch_size=batch_size, device=device,
+                             mode=args.dseq_pass, order=args.region_order, prediction=args.prediction,
+                             source=args.region_source, per_batch_coin=args.lambda_coin == "batch",
+                             num_regions=args.regions, n_targets=args.num_targets,
+                             target_scale=tuple(args.target_scale), context_scale=tuple(args.context_scale))
+
+
+def jepa_loss(encoder, predictor, images, targets, plan):
+    """Steps 3-5 for a given plan.
+
+    images: (B, 3, H, W); targets: (B, P, D) fp32; plan rows R (R = B except replicate mode)
+    returns the smooth-L1 loss, mean over real target tokens and channels (fp32).
+    """
+    x = images if plan.sample.shape[0] == images.shape[0] else images[plan.sample]  # (R, 3, H, W)
+    # 3. context encoder: only the plan's context patches, block-causal over levels
+    ctx = encoder(x, plan.ctx_idx, plan.ctx_lvl)  # (R, Lc, D)
+    # 4. predictor: one mask token per target position, sees what the level rule allows
+    pred = predictor(ctx, plan.ctx_idx, plan.ctx_lvl, plan.tgt_idx, plan.tgt_lvl, plan.tgt_grp)  # (R, Lt, D)
+    # 5. loss against the target encoder's features at the target positions
+    tgt = targets[plan.sample]  # (R, P, D)
+    tgt = tgt.gather(1, plan.tgt_idx[..., None].expand(-1, -1, tgt.shape[-1]))  # (R, Lt, D)
+    per_token = F.smooth_l1_loss(pred.float(), tgt, reduction="none", beta=1.0).mean(-1)  # (R, Lt)
+    real = (plan.tgt_lvl > 0).float()  # (R, Lt), padding is not scored
+    return (per_token * real).sum() / real.sum()
+
+
+@torch.no_grad()
+def ema_update(target_encoder, encoder, momentum):
+    """Step 7: f_bar <- m * f_bar + (1 - m) * f, in one foreach call (no per-parameter loop)."""
+    tgt = list(target_encoder.parameters())
+    src = [p.detach() for p in encoder.parameters()]
+    torch._foreach_mul_(tgt, momentum)
+    torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+
+
+def train_step(models, images, step, total, args, generator, autocast):
+    """Steps 1-5 for one micro-batch; returns (loss, plan, stats). Backward/step/EMA are the loop's."""
+    encoder, predictor, target_encoder = models
+    lam = lambda_at(step, args, total)
+    with torch.no_grad(), autocast:
+        targets, regions, stats = make_targets(target_encoder, images, args)  # 1.
+    plan = make_plan(regions, lam, generator, target_encoder.grid, args, images.shape[0], images.device)  # 2.
+    with autocast:
+        loss = jepa_loss(encoder, predictor, images, targets, plan)  # 3.-5.
+    stats["dseq_share"] = plan.dseq.float().mean()
+    stats["regions_per_image"] = plan.n_regions.float().mean()
+    stats["context_tokens"] = (plan.ctx_lvl > 0).sum() / images.shape[0]
+    stats["target_tokens"] = (plan.tgt_lvl > 0).sum() / images.shape[0]
+    return loss, plan, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic, self-describing, never overwritten by a failing run.
+
+CKPT_KEYS = ("encoder", "predictor", "target_encoder", "optimizer", "step", "config")
+
+
+def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
+    encoder, predictor, target_encoder = models
+    state = {
+        "encoder": encoder.state_dict(), "predictor": predictor.state_dict(),
+        "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step, "config": vars(args),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "plan": generator.get_state()},
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint; a clear error (no traceback) if it is not one."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: checkpoint {path} does not exist; check --resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated file, wrong format, ...
+        sys.exit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {e}). It is corrupt or not a "
+                 f"dseq-jepa checkpoint; pass --resume with another file, or --no-auto-resume to start fresh.")
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        sys.exit(f"error: {path} is not a dseq-jepa training checkpoint (missing {missing})")
+    return ckpt
+
+
+def restore(ckpt, path, models, optimizer, scaler, generator):
+    for name, m in zip(("encoder", "predictor", "target_encoder"), models):
+        try:
+            m.load_state_dict(ckpt[name])
+        except RuntimeError as e:
+            sys.exit(f"error: checkpoint {path} does not fit this model ({name}): {str(e).splitlines()[0]} ... "
+                     f"It was written with --model {ckpt['config'].get('model')} --img-size {ckpt['config'].get('img_size')} "
+                     f"--patch-size {ckpt['config'].get('patch_size')} --pred-dim {ckpt['config'].get('pred_dim')}; "
+                     f"use the same flags, or another --out-dir.")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    generator.set_state(rng["plan"])
+    return ckpt["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return rank, world, local
+
+
+def pick_device(args, local_rank):
+    if args.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def make_autocast(args, device):
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    if amp == "none":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    # bf16 has fp32's exponent range: no loss scaling needed. fp16 does need a GradScaler.
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; the loop checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, local_rank = setup_distributed()
+    master = rank == 0
+    device = pick_device(args, local_rank)
+    seed = args.seed + rank  # different crops / plans per process, reproducible per process
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    autocast, scaler = make_autocast(args, device)
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    per_step = args.batch_size // (world * args.accum_steps)  # images per process per micro-step
+    if per_step * world * args.accum_steps != args.batch_size:
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by processes x --accum-steps "
+                 f"({world} x {args.accum_steps}); pick a multiple of {world * args.accum_steps}")
+
+    # --- data (data.py): the training split with the paper's crops, the held-out split for kNN
+    loader = data.build_train_loader(args, per_step, rank, world, device)
+    steps_per_epoch = len(loader) // args.accum_steps
+    if steps_per_epoch == 0:
+        sys.exit(f"error: the training set has fewer than one batch of {per_step * args.accum_steps} images per "
+                 f"process; lower --batch-size")
+    total = args.epochs * steps_per_epoch
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+
+    # --- models, optimizer, plan generator
+    models = build_models(args)
+    for m in models:
+        m.to(device)
+    encoder, predictor, target_encoder = models
+    optimizer = make_optimizer(encoder, predictor, args)
+    generator = torch.Generator(device=device).manual_seed(seed)  # drives masking.py only
+
+    # --- resume: explicit --resume, else the checkpoint in --out-dir if there is one
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) and not args.no_auto_resume else None)
+    step = 0
+    if resume:
+        step = restore(load_checkpoint(resume), resume, models, optimizer, scaler, generator)
+        if master:
+            print(f"resumed from {resume} at step {step}")
+
+    if master:
+        print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        print(f"processes {world} x micro-batch {per_step} x accum {args.accum_steps} = batch {args.batch_size}; "
+              f"{steps_per_epoch} steps/epoch, {total} steps; peak lr {args.lr:g}; device {device}; "
+              f"encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params")
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    # --- wrap for speed / scale (the raw modules stay in `models` for EMA and checkpoints)
+    run_encoder, run_predictor = encoder, predictor
+    if world > 1:  # the EMA target encoder is never wrapped: it gets no gradients
+        ids = [device.index] if device.type == "cuda" else None
+        run_encoder, run_predictor = DDP(encoder, device_ids=ids), DDP(predictor, device_ids=ids)
+    if args.compile:
+        run_encoder, run_predictor = torch.compile(run_encoder), torch.compile(run_predictor)
+        target_encoder.features = torch.compile(target_encoder.features)  # data-dependent saliency stays eager
+    step_models = (run_encoder, run_predictor, target_encoder)
+
+    preempt = Preemption()
+    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    stop_at = min(total, args.stop_at_step or total)
+    bar = tqdm(total=stop_at, initial=step, disable=not master, dynamic_ncols=True)
+    epoch, skip = divmod(step, steps_per_epoch)
+    t_last, last_knn_epoch = time.perf_counter(), None
+    while step < stop_at and not preempt.requested:
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        for _ in range(skip * args.accum_steps):  # resumed mid-epoch: same order, skip what was seen
+            next(batches)
+        skip = 0
+        for _ in range(steps_per_epoch - step % steps_per_epoch):
+            # --- 6. schedules for this step, then accumulate gradients over micro-batches
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args, total, warmup)
+                if not group.get("no_decay"):
+                    group["weight_decay"] = wd_at(step, args, total)
+            loss_sum = 0.0
+            for micro in range(args.accum_steps):
+                images, _ = next(batches)
+                images = images.to(device, non_blocking=True)
+                sync = micro == args.accum_steps - 1 or world == 1
+                with nullcontext() if sync else run_encoder.no_sync(), nullcontext() if sync else run_predictor.no_sync():
+                    loss, plan, stats = train_step(step_models, images, step, total, args, generator, autocast)
+                    loss = loss / args.accum_steps
+                    (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.item()  # one host sync per micro-step (the plan already needs one)
+            if not math.isfinite(loss_sum):
+                sys.exit(f"error: loss is {loss_sum} at step {step}; stopping without writing a checkpoint "
+                         f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
+            if scaler:
+                scaler.unscale_(optimizer)
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # --- 7. EMA update of the target encoder
+            ema_update(target_encoder, encoder, ema_at(step, args, total))
+            step += 1
+
+            # --- logging, checkpoints, preemption
+            if master:
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_at(step - 1, args, total, warmup):.2e}",
+                                lam=f"{lambda_at(step - 1, args, total):.2f}", img_s=f"{args.batch_size / dt:.0f}")
+                if step % args.log_every == 0 or step == stop_at:
+                    row = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr_at(step - 1, args, total, warmup),
+                           "wd": wd_at(step - 1, args, total), "ema": ema_at(step - 1, args, total),
+                           "lambda": lambda_at(step - 1, args, total), "step_time": dt,
+                           "img_per_s": args.batch_size / dt, "peak_mem_mb": peak_memory_mb(device)}
+                    row.update({k: float(v) for k, v in stats.items()})
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+            if master and (step % args.ckpt_every == 0 or step == stop_at or preempt.requested):
+                save_checkpoint(ckpt_path, models, optimizer, scaler, step, args, generator)
+            if step >= stop_at or preempt.requested:
+                break
+        if step % steps_per_epoch == 0:
+            epoch += 1
+            if args.knn_every and epoch % args.knn_every == 0 and step < total:
+                knn_monitor(target_encoder, args, device, step, epoch, log, master)
+                last_knn_epoch = epoch
+    bar.close()
+    if preempt.requested:
+        if master:
+            print(f"preempted: checkpoint at step {step} in {ckpt_path}; rerun the same command to resume")
+    elif step >= total:
+        if last_knn_epoch != epoch:
+            knn_monitor(target_encoder, args, device, step, epoch, log, master)
+        if master and args.picture:
+            import evaluate
+            path = os.path.join(args.out_dir, "plans.png")
+            evaluate.plan_picture(target_encoder, args, path, device=device)
+            print(f"wrote {path}")
+    if world > 1:
+        dist.destroy_process_group()
+    return step
+
+
+def knn_monitor(target_encoder, args, device, step, epoch, log, master):
+    """Held-out kNN accuracy of the target encoder (evaluate.py): the progress signal JEPA lacks."""
+    import evaluate
+    result = evaluate.knn_monitor(target_encoder, args, device)  # every rank takes part under DDP
+    if master:
+        print(f"epoch {epoch} step {step}: kNN top-1 {result['top1']:.2f}% (k={result['k']}, {result['split']})")
+        log.write(json.dumps({"step": step, "epoch": epoch, **{f"knn_{k}": v for k, v in result.items()}}) + "\n")
+        log.flush()
+
+
+if __name__ == "__main__":
+    main()

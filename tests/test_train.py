@@ -249,3 +249,17 @@ def test_two_process_gloo_gradients_equal_single_process(tmp_path):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert torch.allclose(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    """The same script under torchrun (gloo on CPU): trains, only rank 0 writes, kNN at the end."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                    os.path.join(ROOT, "train.py"), *TINY, "--epochs", "1", "--out-dir", str(out)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 11))  # 160 images / global batch 16; one writer, no duplicates
+    assert any("knn_top1" in r for r in rows)
+    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 10

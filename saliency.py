@@ -71,8 +71,9 @@ def otsu_threshold(u8):
     return frac.argmax(1)                                              # first maximum, (B,)
 
 
-def _component_roots(fg):
+def _component_roots(fg, early_exit=None):
     """8-connected components of fg: (B, h, w) bool. Returns (root (B, P) int64, K).
+    early_exit: stop at the fixed point (default: on the CPU only, where reading is free).
 
     Works on row runs instead of pixels. Runs get ids r * ceil(w/2) + (index in row), so ids follow
     raster order; K = h * ceil(w/2) is the number of run slots. root[b, j] is the smallest run id
@@ -126,6 +127,9 @@ def _component_roots(fg):
     iota = iota.repeat(B, 1)                                           # row pair (below if even)
     seg_min = torch.full((B, S + 1), K, dtype=torch.long, device=dev)
     lab = seg_min.scatter_reduce_(1, block, iota, 'amin').gather(1, block)  # (B, K+1) star labels
+    # On the CPU reading a value costs nothing, so stop at the fixed point (random maps need 2-3
+    # rounds). On an accelerator that read would be a host sync: run the fixed schedule instead.
+    early_exit = dev.type == "cpu" if early_exit is None else early_exit
     k0 = ((h + 1) // 2) * Kw
     for t in range(2 * (k0.bit_length() - 1)):                         # 2 floor(log2 k0) rounds
         stars = k0 >> (t // 2)                                         # stars per component <= this
@@ -135,19 +139,25 @@ def _component_roots(fg):
         touch = torch.minimum(seg_min.gather(1, above), seg_min.gather(1, below))  # (B, K+1)
         hook = iota.clone().scatter_reduce_(1, lab, touch, 'amin')     # (B, K+1) root -> new root
         for _ in range(max(stars - 2, 0).bit_length()):                # ceil(log2(stars - 1))
-            hook = hook.gather(1, hook)                                # pointer doubling
-        lab = hook.gather(1, lab)                                      # (B, K+1)
+            nxt = hook.gather(1, hook)                                 # pointer doubling
+            if early_exit and torch.equal(nxt, hook):
+                break
+            hook = nxt
+        nxt = hook.gather(1, lab)                                      # (B, K+1)
+        if early_exit and torch.equal(nxt, lab):  # no star hooked: every star is a component
+            break
+        lab = nxt
     root = lab.gather(1, rid)                                          # (B, P)
     return torch.where(fg.reshape(B, -1), root, K), K
 
 
-def connected_components(fg):
+def connected_components(fg, early_exit=None):
     """8-connected components (the partition of cv2.connectedComponents(connectivity=8)).
     fg: (B, h, w) bool. Returns (B, h, w) int64: 0 = background, otherwise 1 + the raster index
     of the component's first pixel. (cv2 numbers components by their first 2x2 block instead, so
     its label order can differ; the partition is the same.)"""
     B, h, w = fg.shape
-    root, K = _component_roots(fg)                                     # (B, P)
+    root, K = _component_roots(fg, early_exit)                         # (B, P)
     first = torch.full((B, K + 1), -1, dtype=torch.long, device=fg.device)
     pix = torch.arange(h * w, device=fg.device).expand(B, -1)          # (B, P)
     first.scatter_reduce_(1, root, pix, 'amin', include_self=False)    # (B, K+1) first pixel

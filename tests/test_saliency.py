@@ -282,8 +282,9 @@ def hard_shapes(h, w):
     return [s[::-1] for s in shapes] + [s[:, ::-1] for s in shapes] + shapes
 
 
+@pytest.mark.parametrize('early_exit', [True, False])   # CPU default / the fixed GPU schedule
 @pytest.mark.parametrize('grid', [(14, 14), (32, 32), (1, 9), (9, 1), (2, 2), (3, 17), (13, 6)])
-def test_connected_components_match_opencv(grid):
+def test_connected_components_match_opencv(grid, early_exit):
     """Random masks of all densities plus snakes, spirals and combs (the inputs that need the most
     hooking rounds): same partition as cv2, labels = 1 + raster index of the first pixel. (cv2's
     own label order is its 2x2-block scan order, so a stable sort over cv2 labels would break
@@ -293,7 +294,7 @@ def test_connected_components_match_opencv(grid):
     masks = [rng.random((h, w)) < d for d in np.linspace(0.1, 0.9, 9) for _ in range(30)]
     masks += hard_shapes(h, w)
     fg = torch.from_numpy(np.stack(masks))
-    labels = saliency.connected_components(fg).numpy()
+    labels = saliency.connected_components(fg, early_exit).numpy()
     for m, lab in zip(masks, labels):
         n, cv = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
         assert same_partition(lab, cv)

@@ -1,0 +1,361 @@
+"""
+Benchmark: does a DSeq-JEPA step cost about what an I-JEPA step costs? (PAPER.md, cost table and
+"Known faults" 5: the official DSeq step costs ~5.8x an I-JEPA step; the paper reports +16 % FLOPs.)
+
+    python bench.py --json bench.json              # CPU defaults: ViT-tiny, 224 px / 16, batch 4, ~3 min
+    python bench.py --device cuda --batch-size 256 --json bench.json   # bf16 autocast + torch.compile
+
+1. Time of the FULL training step (train.train_step: targets + saliency, plan, context encoder,
+   predictor, loss; then backward, loss.item(), AdamW step, EMA, as train.main's loop), same
+   models, batch and images for every config, run ROUND-ROBIN one step each (start rotated every
+   round) so that load from other processes hits all alike; medians over --steps rounds:
+     ijepa            --method ijepa: no saliency at all, the true I-JEPA step (the baseline)
+     causal           lambda 1, DSeq plan in one block-causal pass (ours, the default)
+     replicate        lambda 1, one row per step of Eq. 5 (the official structure, correct contexts)
+     mix              lambda 0.5, per-sample coin, causal
+   Plain rows use the untrained encoder's own saliency: read "dseq" (share of samples that really
+   got a DSeq plan; < 2 regions fall back to I-JEPA) and "regions" (non-empty regions incl. the
+   background) before trusting a ratio. "+blobs" rows feed synthetic maps (four separated blobs)
+   through the real Otsu / components / ranking, so every sample gets N-1 = 4 ranked regions: the
+   costliest DSeq plan. "x wall" / "x cpu": ratio to ijepa by wall clock / by process CPU time.
+   lr is 0: AdamW does all its arithmetic, but the weights (and so the regions) never change.
+   CPU threads default to 1: on a shared 2-core box OpenMP threads spin against other processes
+   and the same step took 150-340 ms with 2 threads vs a steady 130 ms CPU time with 1.
+2. Tokens per image from the plans, context encoder ("enc tok") and predictor, real / padded.
+3. Peak memory. CUDA: torch.cuda.max_memory_allocated, reset before every step, max per config.
+   CPU: RSS never drops within a process, so each config runs in a FRESH subprocess: one warm-up
+   step, reset the peak counter (/proc/self/clear_refs), one step; "mem" = VmHWM, the peak RSS of
+   the whole process (torch, models, AdamW state included) during that step.
+4. Model FLOPs per image, analytic, from the plans' REAL token counts (2 FLOPs per multiply-add):
+     block(L, d)   = 24 L d^2 + 4 L^2 d      (qkv 6, proj 2, MLP 16 L d^2; QK^T and AV 2 L^2 d)
+     embed         = 2 P (3 p^2) D           (patch conv over all P patches before token dropping)
+     encoder row   = embed + depth * block(Lc + 1, D)                   (+1: the CLS token)
+     predictor row = 2 Lc D Dp + pdepth * block(Lc + Lt, Dp) + 2 Lt Dp D
+     target        = embed + depth * block(P + 1, D)                    (no grad: forward only)
+     step          = 3 * sum over plan rows (encoder + predictor) + B * target  (fwd + 2x bwd)
+   Norms, GELU, softmax, loss, AdamW, EMA are left out (~1 %). MFU (CUDA, or with --peak-tflops)
+   = step FLOPs / median wall time / peak. With torch.compile the graphs compiled during the
+   timed rounds are counted (recompiles; they would pollute the timing).
+5. Saliency regions for --sal-batch smooth random maps: saliency.regions_from_saliency (batched,
+   on the device) vs the per-image OpenCV loop of tests/opencv_reference.py; outputs asserted equal.
+Targets: DSeq causal step <= 1.2x the I-JEPA step; batched saliency >= 20x the OpenCV loop.
+All train.py flags work (--model, --img-size, --batch-size, --device, --amp, --compile, ...).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+import data
+import saliency
+import train
+
+# Defaults sized for a 2-core CPU (whole script ~3 min when the machine is quiet); any train.py
+# flag given on the command line wins over these (argparse keeps the last occurrence).
+TRAIN_DEFAULTS = ["--model", "tiny", "--img-size", "224", "--patch-size", "16", "--pred-dim", "192",
+                  "--pred-depth", "6", "--batch-size", "4", "--num-workers", "0", "--device-data", "off",
+                  "--no-picture"]
+# name: (method, lambda, dseq pass, synthetic blob maps)
+CONFIGS = {"ijepa": ("ijepa", 0.0, "causal", False), "causal": ("dseq", 1.0, "causal", False),
+           "replicate": ("dseq", 1.0, "replicate", False), "mix": ("dseq", 0.5, "causal", False),
+           "causal+blobs": ("dseq", 1.0, "causal", True), "replicate+blobs": ("dseq", 1.0, "replicate", True),
+           "mix+blobs": ("dseq", 0.5, "causal", True)}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
+
+
+def get_parser():
+    p = argparse.ArgumentParser("bench.py", epilog="all train.py flags are accepted as well")
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (one step per config each)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1 CPU, 3 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: see the docstring)")
+    p.add_argument("--maps", choices=["saliency", "blobs", "both"], default="both",
+                   help="saliency: the encoder's own maps; blobs: synthetic maps with N-1 regions")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: measure peak RSS per config in fresh subprocesses")
+    p.add_argument("--sal-batch", type=int, default=256, help="maps for the saliency comparison (0 = skip)")
+    p.add_argument("--sal-repeats", type=int, default=5, help="repeats of each saliency timing")
+    p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU "
+                   "(default on CUDA with bf16: H100/H200 SXM 989, A100 312 dense bf16)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
+    p.add_argument("--probe-images", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def blob_maps(B, grid, gen):
+    """(B, P) synthetic saliency: a cross-shaped separator (the background) cuts the grid into four
+    blobs of random, close levels (Otsu splits at the gap, not between blobs), each >= ~18 % of a
+    14 x 14 grid. Ranks R_1..R_4 fall on random quadrants."""
+    h, w = grid
+    r = h // 2 - 1 + torch.randint(0, 2, (B, 1, 1), generator=gen)  # (B, 1, 1) separator row
+    c = w // 2 - 1 + torch.randint(0, 2, (B, 1, 1), generator=gen)  # (B, 1, 1) separator column
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+    quad = ((rows > r).long() * 2 + (cols > c).long()).flatten(1)  # (B, P) blob 0..3
+    level = 0.9 + 0.1 * torch.rand(B, 4, generator=gen)  # (B, 4)
+    A = level.gather(1, quad) + 0.01 * torch.rand(B, h * w, generator=gen)  # (B, P)
+    return torch.where(((rows == r) | (cols == c)).flatten(1), 0.01 * A, A)  # separator ~ 0
+
+
+@contextmanager
+def fixed_saliency(A):
+    """Replace only the raw map A = <q, z_j> / sqrt(D); Eq. 1-3 in saliency.py still run."""
+    real = saliency.saliency_map
+    if A is not None:
+        saliency.saliency_map = lambda z, cls_token: A[: z.shape[0]]
+    try:
+        yield
+    finally:
+        saliency.saliency_map = real
+
+
+def setup(args, targs, device):
+    """Models, optimizer, compiled step modules and per-config args, exactly as train.main builds them."""
+    torch.manual_seed(targs.seed)
+    models = train.build_models(targs)
+    for m in models:
+        m.to(device)
+    encoder, predictor, target_encoder = models
+    optimizer = train.make_optimizer(encoder, predictor, targs)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # see the docstring: same weights for every config and round
+    run_encoder, run_predictor = encoder, predictor
+    if targs.compile:  # as train.main: encoder, predictor and the target features; saliency eager
+        run_encoder, run_predictor = torch.compile(encoder), torch.compile(predictor)
+        target_encoder.features = torch.compile(target_encoder.features)
+    cfgs = {}
+    for name, (method, lam, dseq_pass, blobs) in CONFIGS.items():
+        if (blobs and args.maps == "saliency") or (not blobs and method == "dseq" and args.maps == "blobs"):
+            continue
+        cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass})
+        gen = torch.Generator(device=device).manual_seed(targs.seed)  # same plan stream per config
+        cfgs[name] = dict(args=cargs, lam=lam, blobs=blobs, gen=gen)
+    return models, (run_encoder, run_predictor, target_encoder), optimizer, cfgs
+
+
+def full_step(models, step_models, optimizer, images, cfg, maps, autocast):
+    """One training step as train.main's loop runs it. Returns the plan."""
+    # train.lambda_at(step, args, total) = step / total for --method dseq: this pins lambda.
+    with fixed_saliency(maps if cfg["blobs"] else None):
+        loss, plan, _ = train.train_step(step_models, images, round(cfg["lam"] * 1000), 1000,
+                                         cfg["args"], cfg["gen"], autocast)  # 1.-5.
+    loss.backward()  # 6.
+    loss.item()  # the loop's host sync
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    train.ema_update(models[2], models[0], cfg["args"].ema[0])  # 7.
+    return plan
+
+
+def plan_numbers(plan, B, enc, pred, patch):
+    """Tokens per image (real / padded) and model GFLOPs per image from the plan (docstring 4)."""
+    n_c, n_t = (plan.ctx_lvl > 0).sum(1).double(), (plan.tgt_lvl > 0).sum(1).double()  # (R,) each
+    R, Lc, Lt = plan.sample.shape[0], plan.ctx_idx.shape[1], plan.tgt_idx.shape[1]
+    D, depth, Dp, pdepth, P = enc.embed_dim, enc.depth, pred.pred_dim, len(pred.blocks), enc.num_patches
+    block = lambda L, d: 24 * L * d * d + 4 * L * L * d
+    embed = 2 * P * 3 * patch * patch * D
+    rows = embed + depth * block(n_c + 1, D) + 2 * n_c * D * Dp + pdepth * block(n_c + n_t, Dp) + 2 * n_t * Dp * D
+    flops = 3 * rows.sum().item() + B * (embed + depth * block(P + 1, D))
+    return dict(enc_real=n_c.sum().item() / B, enc_pad=R * Lc / B, pred_real=(n_c + n_t).sum().item() / B,
+                pred_pad=R * (Lc + Lt) / B, gflop_img=flops / B / 1e9, dseq=plan.dseq.float().mean().item(),
+                regions=plan.n_regions.float().mean().item())
+
+
+def status_mib(key):  # a field of /proc/self/status, kB -> MiB
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+
+
+def memory_probe(args, targs, device):
+    """Child process: one warm-up step, reset the peak-RSS counter, one measured step."""
+    models, step_models, optimizer, cfgs = setup(args, targs, device)
+    images, maps = torch.load(args.probe_images)
+    autocast, _ = train.make_autocast(targs, device)
+    full_step(models, step_models, optimizer, images, cfgs[args.probe], maps, autocast)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: VmHWM := current RSS
+    before = status_mib("VmRSS")
+    full_step(models, step_models, optimizer, images, cfgs[args.probe], maps, autocast)
+    print(json.dumps({"peak_mib": status_mib("VmHWM"), "step_mib": status_mib("VmHWM") - before}))
+
+
+def bench_saliency(B, grid, N, alpha, repeats, device):
+    """Batched regions on `device` vs the per-image OpenCV loop, which must first copy the maps to
+    the host (what the official step pays on a GPU); same smooth random maps, outputs asserted
+    identical. Returns median times and the speed-up."""
+    try:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+        from opencv_reference import opencv_regions_reference
+    except ImportError as e:  # cv2 (or the reference file) missing: skip this part
+        return {"skipped": str(e)}
+    gen = torch.Generator().manual_seed(0)
+    A = torch.cat([F.interpolate(torch.randn(n, 1, k, k, generator=gen), grid, mode="bicubic")
+                   for n, k in ((B // 2, 3), (B - B // 2, 5))]).flatten(1).to(device)  # (B, P) blobs of 2 sizes
+
+    def batched():
+        regions = saliency.regions_from_saliency(A, grid, N, alpha)[0]  # (B, P)
+        return regions.cpu() if device.type == "cuda" else regions  # waits for the device
+
+    def loop():  # the host copy is part of the loop's cost; its result stays on the host too
+        return torch.from_numpy(opencv_regions_reference(A.cpu().numpy(), grid, N, alpha))
+
+    ours = batched()
+    assert torch.equal(ours, loop()), "batched regions differ from the per-image OpenCV loop"
+    times = {}
+    for name, fn in (("batched", batched), ("opencv_loop", loop)):
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        times[name] = statistics.median(t)
+    ranked = (ours.masked_fill(ours >= N, 0).amax(1) > 0).float().mean().item()
+    return {"batch": B, "grid": list(grid), "batched_ms": 1e3 * times["batched"],
+            "opencv_loop_ms": 1e3 * times["opencv_loop"], "speedup": times["opencv_loop"] / times["batched"],
+            "share_with_ranked_region": ranked, "identical": True}
+
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = get_parser().parse_known_args(argv)
+    targs = train.parse_args(TRAIN_DEFAULTS + rest)  # train.py's flags, help and checks
+    device = train.pick_device(targs, 0)
+    targs.compile = device.type == "cuda" if targs.compile is None else targs.compile
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    if args.probe:
+        return memory_probe(args, targs, device)
+    info = {"command": "python bench.py " + shlex.join(argv), "machine": machine(device)}
+    autocast, _ = train.make_autocast(targs, device)
+    amp = targs.amp if targs.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    print(info["command"])
+    print(" | ".join(f"{k} {v}" for k, v in info["machine"].items()), f"| device {device} | amp {amp} "
+          f"| compile {targs.compile} | model {targs.model} {targs.img_size}px/{targs.patch_size} | batch "
+          f"{targs.batch_size} | {args.steps} timed rounds after {warmup} warm-up", flush=True)
+
+    # --- models, configs, images (synthetic dataset, data.py), blob maps for the "+blobs" rows
+    models, step_models, optimizer, cfgs = setup(args, targs, device)
+    B, grid, names = targs.batch_size, models[0].grid, list(cfgs)
+    targs.num_train = max(targs.num_train, 2 * B)
+    batches = iter(data.build_train_loader(targs, B, 0, 1, "cpu"))
+    batches = [next(batches)[0].to(device) for _ in range(2)]  # two batches, alternated by round
+    maps = blob_maps(B, grid, torch.Generator().manual_seed(targs.seed)).to(device)  # (B, P)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    from torch._dynamo.utils import counters as dynamo  # ["stats"]["unique_graphs"]: graphs compiled
+
+    # --- round-robin timing: wall clock, and process CPU time (what our process itself burnt)
+    res = {n: dict(wall=[], cpu=[], mem=[], plans=[]) for n in names}
+    for rnd in range(warmup + args.steps):
+        if rnd == warmup:
+            graphs_at_warmup = dynamo["stats"]["unique_graphs"]
+        for i in range(len(names)):
+            name = names[(rnd + i) % len(names)]  # rotate the start: no config always runs first
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t, c = time.perf_counter(), time.process_time()
+            plan = full_step(models, step_models, optimizer, batches[rnd % 2], cfgs[name], maps, autocast)
+            sync()
+            if rnd >= warmup:
+                res[name]["wall"].append(time.perf_counter() - t)
+                res[name]["cpu"].append(time.process_time() - c)
+                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size))
+                if device.type == "cuda":
+                    res[name]["mem"].append(torch.cuda.max_memory_allocated(device) / 2**20)
+
+    # --- memory on the CPU: one fresh process per config
+    mem_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process"
+    if device.type == "cpu" and args.memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "images.pt")
+            torch.save((batches[1].cpu(), maps.cpu()), path)
+            for name in names:
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--probe", name,
+                                      "--probe-images", path], capture_output=True, text=True, check=True)
+                probe = json.loads(out.stdout.strip().splitlines()[-1])
+                res[name]["mem"], res[name]["step_mib"] = [probe["peak_mib"]], probe["step_mib"]
+
+    # --- summarise: medians of time, means of the plan numbers over the timed steps
+    if args.peak_tflops is None and device.type == "cuda" and amp == "bf16":
+        args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info["machine"]["gpu"]), None)
+    base = {k: statistics.median(res["ijepa"][k]) for k in ("wall", "cpu")}
+    rows = {}
+    for name in names:
+        r, plans = res[name], res[name]["plans"]
+        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
+        row = {k: sum(p[k] for p in plans) / len(plans) for k in plans[0]}
+        row.update(lam=cfgs[name]["lam"], wall_ms=1e3 * wall, cpu_ms=1e3 * cpu, img_s=B / wall,
+                   ratio_wall=wall / base["wall"], ratio_cpu=cpu / base["cpu"],
+                   mem_mib=max(r["mem"]) if r["mem"] else None, step_mib=r.get("step_mib"))
+        if args.peak_tflops:
+            row["mfu"] = row["gflop_img"] * B * 1e9 / wall / (args.peak_tflops * 1e12)
+        rows[name] = row
+    mfu = bool(args.peak_tflops)
+    print(f"\nfull training step, median of {args.steps}; x I-JEPA by wall clock and by process CPU time; "
+          f"memory (MiB): {mem_kind}; tokens per image: real/padded")
+    print(f"{'config':16}{'lam':>4}{'wall ms':>9}{'cpu ms':>8}{'img/s':>7}{'x wall':>7}{'x cpu':>6}{'mem':>6}"
+          f"{'dseq':>6}{'regions':>8}{'enc tok':>10}{'pred tok':>10}{'GFLOP/img':>10}" + ("   MFU" if mfu else ""))
+    for name, r in rows.items():
+        mem = f"{r['mem_mib']:.0f}" if r["mem_mib"] is not None else "-"
+        print(f"{name:16}{r['lam']:>4.1f}{r['wall_ms']:>9.0f}{r['cpu_ms']:>8.0f}{r['img_s']:>7.1f}{r['ratio_wall']:>7.2f}"
+              f"{r['ratio_cpu']:>6.2f}{mem:>6}{r['dseq']:>6.2f}{r['regions']:>8.2f}{r['enc_real']:>5.0f}/{r['enc_pad']:<4.0f}"
+              f"{r['pred_real']:>5.0f}/{r['pred_pad']:<4.0f}{r['gflop_img']:>10.2f}" + (f"{100 * r['mfu']:>5.1f}%" if mfu else ""))
+    if device.type == "cpu" and args.memory:
+        print("peak RSS growth during the measured step (MiB): " + ", ".join(f"{n} {r['step_mib']:.0f}" for n, r in rows.items()))
+    if mfu:
+        print(f"MFU against {args.peak_tflops:g} TFLOP/s (override with --peak-tflops)")
+    if targs.compile:
+        info["recompiles_during_timing"] = dynamo["stats"]["unique_graphs"] - graphs_at_warmup
+        print(f"torch.compile: {dynamo['stats']['unique_graphs']} graphs compiled, "
+              f"{info['recompiles_during_timing']} of them during the timed rounds (should be 0)")
+
+    # --- saliency: batched vs per-image OpenCV
+    sal = bench_saliency(args.sal_batch, grid, targs.regions, targs.alpha, args.sal_repeats, device) \
+        if args.sal_batch else {"skipped": "--sal-batch 0"}
+    if "skipped" in sal:
+        print(f"\nsaliency comparison skipped ({sal['skipped']})")
+    else:
+        print(f"\nsaliency regions, B = {sal['batch']}, grid {grid[0]}x{grid[1]}, median of {args.sal_repeats}: "
+              f"batched {sal['batched_ms']:.1f} ms, per-image OpenCV loop {sal['opencv_loop_ms']:.1f} ms, "
+              f"speed-up {sal['speedup']:.1f}x (outputs identical; {100 * sal['share_with_ranked_region']:.0f} % "
+              f"of maps have a ranked region)")
+
+    # --- targets
+    checks = {}
+    for name in ("causal", "causal+blobs"):
+        for k in ("wall", "cpu") if name in rows else ():
+            checks[f"{name} <= 1.2x ijepa ({k})"] = rows[name][f"ratio_{k}"] <= 1.2
+    if "speedup" in sal:
+        checks["saliency >= 20x opencv"] = sal["speedup"] >= 20
+    print("targets: " + "; ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in checks.items()))
+    result = {**info, "config": {k: getattr(targs, k) for k in ("model", "img_size", "patch_size", "batch_size",
+              "pred_dim", "pred_depth", "regions", "alpha", "compile")}, "amp": amp, "steps": args.steps,
+              "warmup": warmup, "memory": mem_kind, "peak_tflops": args.peak_tflops, "rows": rows,
+              "saliency": sal, "targets": checks}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -469,7 +469,7 @@ def main(argv=None):
     stop_at = min(total, args.stop_at_step or total)
     bar = tqdm(total=stop_at, initial=step, disable=not master, dynamic_ncols=True)
     epoch, skip = divmod(step, steps_per_epoch)
-    t_last, last_knn_epoch = time.perf_counter(), None
+    t_last = time.perf_counter()
     while step < stop_at and not preempt.requested:
         loader.set_epoch(epoch)
         batches = iter(loader)
@@ -532,19 +532,21 @@ def main(argv=None):
             epoch += 1
             if args.knn_every and epoch % args.knn_every == 0 and step < total:
                 knn_monitor(target_encoder, args, device, step, epoch, log, master)
-                last_knn_epoch = epoch
     bar.close()
     if preempt.requested:
         if master:
             print(f"preempted: checkpoint at step {step} in {ckpt_path}; rerun the same command to resume")
     elif step >= total:
-        if last_knn_epoch != epoch:
-            knn_monitor(target_encoder, args, device, step, epoch, log, master)
+        knn_monitor(target_encoder, args, device, step, epoch, log, master)  # always at the end
         if master and args.picture:
             import evaluate
             path = os.path.join(args.out_dir, "plans.png")
-            evaluate.plan_picture(target_encoder, args, path, device=device)
-            print(f"wrote {path}")
+            pic = evaluate.plan_picture(target_encoder, args, path, device=device)
+            overlap = {k: v for k, v in pic.items() if k.startswith(("top_region", "object_area", "ranked"))}
+            print(f"wrote {path}; " + ", ".join(f"{k} {v}" for k, v in overlap.items() if v is not None))
+            log.write(json.dumps({"step": step, **overlap}) + "\n")
+    if log:
+        log.close()
     if world > 1:
         dist.destroy_process_group()
     return step

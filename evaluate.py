@@ -148,7 +148,7 @@ def resolve_config(argv=None):
         if key not in given and key not in MACHINE_KEYS and hasattr(args, key):
             setattr(args, key, value)
     if "out_dir" not in given:
-        args.out_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+        args.out_dir = os.path.dirname(args.checkpoint) or "."
     return args, ckpt
 
 
@@ -696,7 +696,7 @@ def main(argv=None):
 
     # 6. one JSON file per run, and a table
     report = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "init": init,
-              "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
+              "checkpoint": args.checkpoint,
               "step": ckpt["step"] if ckpt else None,
               "data": {"dataset": args.dataset, "data_path": args.data_path, "bank_split": "train",
                        "eval_split": "val", "img_size": args.img_size},

@@ -249,6 +249,7 @@ def jepa_loss(encoder, predictor, images, targets, plan):
     images: (B, 3, H, W); targets: (B, P, D) fp32; plan rows R (R = B except replicate mode)
     returns the smooth-L1 loss, mean over real target tokens and channels (fp32).
     """
+    # One row per image (R = B) means sample = arange(B): skip the copy. Replicate rows repeat images.
     x = images if plan.sample.shape[0] == images.shape[0] else images[plan.sample]  # (R, 3, H, W)
     # 3. context encoder: only the plan's context patches, block-causal over levels
     ctx = encoder(x, plan.ctx_idx, plan.ctx_lvl)  # (R, Lc, D)

@@ -263,3 +263,27 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert steps == list(range(1, 11))  # 160 images / global batch 16; one writer, no duplicates
     assert any("knn_top1" in r for r in rows)
     assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 10
+
+
+@pytest.mark.parametrize("flags", [["--prediction", "flat"], ["--region-order", "reverse"], ["--region-order", "random"],
+                                   ["--region-order", "raster"], ["--region-source", "blocks"],
+                                   ["--lambda-coin", "batch"], ["--regions", "3"]])
+def test_ablation_flags_reach_the_plan(flags):
+    """Every ablation of the paper's tables is a flag that changes the plan, not the networks."""
+    from contextlib import nullcontext
+    args = train.parse_args(TINY + flags)
+    torch.manual_seed(0)
+    models = train.build_models(args)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 16, 16)
+    loss, plan, stats = train.train_step(models, images, 100, 100, args, g, nullcontext())  # lambda = 1
+    assert torch.isfinite(loss)
+    dseq_rows = plan.dseq[plan.sample]  # (R,)
+    if flags[0] == "--region-source":  # random blocks predicted sequentially: 4 blocks -> levels 2..5
+        assert plan.dseq.all() and plan.tgt_lvl[dseq_rows].max() > 2
+    elif flags[0] == "--prediction":  # flat: every DSeq target is predicted from R_1 alone
+        assert plan.dseq.any() and set(plan.tgt_lvl[dseq_rows].unique().tolist()) <= {0, 2}
+    elif flags[0] == "--lambda-coin":  # one coin for the whole batch: all DSeq where regions allow
+        assert plan.dseq.sum() == (plan.n_regions >= 2).sum()
+    elif flags[0] == "--regions":
+        assert plan.n_regions.max() <= 3

@@ -287,3 +287,15 @@ def test_ablation_flags_reach_the_plan(flags):
         assert plan.dseq.sum() == (plan.n_regions >= 2).sum()
     elif flags[0] == "--regions":
         assert plan.n_regions.max() <= 3
+
+
+@pytest.mark.slow
+def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
+    """--compile (the CUDA default) also runs on the CPU: the step works through the compiled
+    encoder / predictor / target features, and checkpoints hold the raw modules' keys."""
+    out, step, rows = run(tmp_path, "--compile", "--stop-at-step", "2")
+    assert step == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    ckpt = weights(out)
+    args = train.parse_args(TINY)
+    enc, pred, _ = train.build_models(args)
+    assert set(ckpt["encoder"]) == set(enc.state_dict()) and set(ckpt["predictor"]) == set(pred.state_dict())

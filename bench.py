@@ -1,6 +1,6 @@
 """
-Benchmark: does a DSeq-JEPA step cost about what an I-JEPA step costs? (PAPER.md, cost table and
-"Known faults" 5: the official DSeq step costs ~5.8x an I-JEPA step; the paper reports +16 % FLOPs.)
+Benchmark: does a DSeq-JEPA step cost about what an I-JEPA step costs? (The paper's cost table
+reports +16 % FLOPs; the official DSeq step costs ~5.8x an I-JEPA step, fault 5 in the README.)
 
     python bench.py --json bench.json              # CPU defaults: ViT-tiny, 224 px / 16, batch 4, ~3 min
     python bench.py --device cuda --batch-size 256 --json bench.json   # bf16 autocast + torch.compile

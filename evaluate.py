@@ -6,7 +6,7 @@ Evaluate a DSeq-JEPA (or I-JEPA) checkpoint: kNN, linear probe, fine-tuning, pic
     python evaluate.py --init random                                       # random-init baseline
     python evaluate.py --pixels --eval knn,linear                          # raw-pixel baseline
 
-Protocols (PAPER.md "Evaluation protocols"). Features come from the frozen TARGET encoder f_bar:
+Protocols (the paper's, after I-JEPA). Features come from the frozen TARGET encoder f_bar:
   last    = average-pooled patch tokens of the last block, after the final LayerNorm   (B, D)
   concat4 = the average-pooled outputs of the last 4 blocks, each through the final LayerNorm,
             concatenated                                                            (B, 4D)

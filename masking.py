@@ -1,6 +1,6 @@
 """Masks and prediction plans: I-JEPA multi-block masks, DSeq-JEPA region plans, the lambda mix.
 
-Read next to PAPER.md (the method) and DESIGN.md (levels). A JEPA step is a *plan*: which
+Read next to the paper (the method) and model.level_mask (levels). A JEPA step is a *plan*: which
 patches the context encoder sees, which patches the predictor predicts, and who may look at whom.
 Every plan here is written in one currency, the level rule of model.level_mask, so the encoder
 and the predictor never need to know which method produced it.
@@ -110,7 +110,7 @@ def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row
 
 
 # ----------------------------------------------------------------------------------------------
-# I-JEPA multi-block masks (Assran et al. 2023, Sec. 3; PAPER.md "I-JEPA")
+# I-JEPA multi-block masks (Assran et al. 2023)
 
 
 def _rand(shape, generator, device):
@@ -215,7 +215,7 @@ def _ijepa_maps(context_mask, target_masks):
 
 
 # ----------------------------------------------------------------------------------------------
-# DSeq-JEPA plans from ranked regions (PAPER.md steps 6-8, Eq. 5)
+# DSeq-JEPA plans from ranked regions (the paper's Eq. 3-5)
 
 
 def _region_levels(regions, order, generator, num_regions):
@@ -317,7 +317,7 @@ def blocks_to_regions(context_mask, target_masks):
 
 
 # ----------------------------------------------------------------------------------------------
-# The lambda curriculum: DSeq plan with probability lambda, else I-JEPA blocks (PAPER.md step 9)
+# The lambda curriculum: DSeq plan with probability lambda, else I-JEPA blocks
 
 
 def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mode="causal",

@@ -8,7 +8,7 @@ Reading guide (DSeq-JEPA, arXiv 2511.17354; I-JEPA, arXiv 2301.08243):
   - predictor g        = Predictor, maps context outputs + positional mask tokens to predictions
   - level_mask         = the one rule that turns a plan (masking.py) into attention masks
 
-The level rule (DESIGN.md). Every token has a level (1, 2, ...; 0 = padding) and targets a group:
+The level rule. Every token has a level (1, 2, ...; 0 = padding) and targets a group:
   - a context token of level l attends to context tokens of level <= l   (block-causal, GPT-style)
   - a target token of level l, group g attends to context tokens of level < l
     and to target tokens of its own group g

@@ -1,7 +1,7 @@
 """masking.py: the multi-block sampler and the prediction plans, as executable claims.
 
 Plans are checked by an independent plain-Python reading: a target token of level l sees the
-context tokens of level < l (DESIGN.md's level rule), so "what does the prediction of R_{k+1}
+context tokens of level < l (model.level_mask's level rule), so "what does the prediction of R_{k+1}
 see" is a set computation over the plan's rows, compared with the paper's Eq. 5.
 """
 

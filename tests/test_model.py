@@ -26,7 +26,7 @@ def close(a, b):
 
 
 # ---------------------------------------------------------------------------------------------
-# The level rule on its own, against a plain-Python reading of DESIGN.md
+# The level rule on its own, against a plain-Python reading of the rule (README "levels")
 
 
 def rule_by_loop(levels, groups, is_target):

@@ -169,7 +169,7 @@ def test_regions_match_opencv_as_shipped():
 
 def test_equal_scores_rank_by_first_pixel():
     """Two identical blobs score exactly the same (Eq. 3); the one whose first pixel comes first in
-    raster order is R_1 (PAPER.md's tie rule)."""
+    raster order is R_1 (our documented tie rule)."""
     A = np.zeros((2, 14, 14), np.float32)
     blob = np.random.default_rng(0).uniform(0.5, 1.0, (6, 6)).astype(np.float32)
     A[0, 0:6, 8:14] = A[0, 8:14, 0:6] = blob                          # top-right, bottom-left
@@ -288,7 +288,7 @@ def test_connected_components_match_opencv(grid, early_exit):
     """Random masks of all densities plus snakes, spirals and combs (the inputs that need the most
     hooking rounds): same partition as cv2, labels = 1 + raster index of the first pixel. (cv2's
     own label order is its 2x2-block scan order, so a stable sort over cv2 labels would break
-    exact score ties differently from PAPER.md's first-pixel rule.)"""
+    exact score ties differently from our first-pixel rule.)"""
     h, w = grid
     rng = np.random.default_rng(h * 100 + w)
     masks = [rng.random((h, w)) < d for d in np.linspace(0.1, 0.9, 9) for _ in range(30)]

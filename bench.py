@@ -125,14 +125,11 @@ def setup(args, targs, device):
     models = train.build_models(targs)
     for m in models:
         m.to(device)
-    encoder, predictor, target_encoder = models
+    encoder, predictor, _ = models
     optimizer = train.make_optimizer(encoder, predictor, targs)
     for group in optimizer.param_groups:
         group["lr"] = 0.0  # see the docstring: same weights for every config and round
-    run_encoder, run_predictor = encoder, predictor
-    if targs.compile:  # as train.main: encoder, predictor and the target features; saliency eager
-        run_encoder, run_predictor = torch.compile(encoder), torch.compile(predictor)
-        target_encoder.features = torch.compile(target_encoder.features)
+    step_models = train.wrap_for_speed(models, targs, 1, device)  # as train.main (one process)
     cfgs = {}
     for name, (method, lam, dseq_pass, blobs) in CONFIGS.items():
         if (blobs and args.maps == "saliency") or (not blobs and method == "dseq" and args.maps == "blobs"):
@@ -140,15 +137,13 @@ def setup(args, targs, device):
         cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass})
         gen = torch.Generator(device=device).manual_seed(targs.seed)  # same plan stream per config
         cfgs[name] = dict(args=cargs, lam=lam, blobs=blobs, gen=gen)
-    return models, (run_encoder, run_predictor, target_encoder), optimizer, cfgs
+    return models, step_models, optimizer, cfgs
 
 
 def full_step(models, step_models, optimizer, images, cfg, maps, autocast):
     """One training step as train.main's loop runs it. Returns the plan."""
-    # train.lambda_at(step, args, total) = step / total for --method dseq: this pins lambda.
     with fixed_saliency(maps if cfg["blobs"] else None):
-        loss, plan, _ = train.train_step(step_models, images, round(cfg["lam"] * 1000), 1000,
-                                         cfg["args"], cfg["gen"], autocast)  # 1.-5.
+        loss, plan, _ = train.train_step(step_models, images, cfg["lam"], cfg["args"], cfg["gen"], autocast)  # 1.-5.
     loss.backward()  # 6.
     loss.item()  # the loop's host sync
     optimizer.step()

@@ -1,6 +1,6 @@
 """Discriminative regions from the target encoder's [CLS] saliency (DSeq-JEPA, arXiv 2511.17354).
 
-Read next to the paper's Sec. "Discriminative region generation":
+Read next to the paper's discriminative region generation:
   A_j  = <q, z_j> / sqrt(D)                          saliency of patch j (q = the CLS parameter)
   Eq. 1  A~ = (A - min A) / (max A - min A + 1e-6)   per-image min-max normalisation
   Eq. 2  foreground = uint8(255 A~) > Otsu threshold (OpenCV THRESH_BINARY + THRESH_OTSU)
@@ -9,9 +9,9 @@ Read next to the paper's Sec. "Discriminative region generation":
          everything else is the background R_N.
 
 The official code runs this per image with OpenCV on the CPU (a host sync every step). Here every
-step is batched tensor code: no loop over images, no .item()/.cpu(), no data-dependent Python
-control flow, so it runs on whatever device the features are on without a host sync. Loops below
-run a fixed, shape-derived number of times. tests/test_saliency.py checks parity with the OpenCV
+step is batched tensor code: no loop over images, no .item()/.cpu(), so it runs on whatever device
+the features are on without a host sync. Loops below run a fixed, shape-derived number of times;
+only on the CPU, where reading a value is free, do connected components stop at their fixed point. tests/test_saliency.py checks parity with the OpenCV
 pipeline (tests/opencv_reference.py) on thousands of maps.
 """
 import math

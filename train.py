@@ -272,10 +272,10 @@ def ema_update(target_encoder, encoder, momentum):
     torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
 
 
-def train_step(models, images, step, total, args, generator, autocast):
-    """Steps 1-5 for one micro-batch; returns (loss, plan, stats). Backward/step/EMA are the loop's."""
+def train_step(models, images, lam, args, generator, autocast):
+    """Steps 1-5 for one micro-batch with curriculum probability lam (lambda_at of the step).
+    Returns (loss, plan, stats); backward / optimizer step / EMA are the loop's."""
     encoder, predictor, target_encoder = models
-    lam = lambda_at(step, args, total)
     with torch.no_grad(), autocast:
         targets, regions, stats = make_targets(target_encoder, images, args)  # 1.
     plan = make_plan(regions, lam, generator, target_encoder.grid, args, images.shape[0], images.device)  # 2.
@@ -389,6 +389,20 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def wrap_for_speed(models, args, world, device):
+    """DDP and torch.compile around the modules the step calls. The raw modules stay the caller's,
+    for EMA and checkpoints; the EMA target encoder is never wrapped in DDP (it gets no gradients).
+    Returns (encoder, predictor, target_encoder) to pass to train_step."""
+    encoder, predictor, target_encoder = models
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        encoder, predictor = DDP(encoder, device_ids=ids), DDP(predictor, device_ids=ids)
+    if args.compile:
+        encoder, predictor = torch.compile(encoder), torch.compile(predictor)
+        target_encoder.features = torch.compile(target_encoder.features)  # data-dependent saliency stays eager
+    return encoder, predictor, target_encoder
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (cluster preemption) set a flag; the loop checkpoints and exits cleanly."""
 
@@ -455,15 +469,8 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
 
-    # --- wrap for speed / scale (the raw modules stay in `models` for EMA and checkpoints)
-    run_encoder, run_predictor = encoder, predictor
-    if world > 1:  # the EMA target encoder is never wrapped: it gets no gradients
-        ids = [device.index] if device.type == "cuda" else None
-        run_encoder, run_predictor = DDP(encoder, device_ids=ids), DDP(predictor, device_ids=ids)
-    if args.compile:
-        run_encoder, run_predictor = torch.compile(run_encoder), torch.compile(run_predictor)
-        target_encoder.features = torch.compile(target_encoder.features)  # data-dependent saliency stays eager
-    step_models = (run_encoder, run_predictor, target_encoder)
+    step_models = wrap_for_speed(models, args, world, device)
+    run_encoder, run_predictor = step_models[:2]
 
     preempt = Preemption()
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
@@ -479,17 +486,21 @@ def main(argv=None):
         skip = 0
         for _ in range(steps_per_epoch - step % steps_per_epoch):
             # --- 6. schedules for this step, then accumulate gradients over micro-batches
+            sched = {"lr": lr_at(step, args, total, warmup), "wd": wd_at(step, args, total),
+                     "ema": ema_at(step, args, total), "lambda": lambda_at(step, args, total)}
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args, total, warmup)
+                group["lr"] = sched["lr"]
                 if not group.get("no_decay"):
-                    group["weight_decay"] = wd_at(step, args, total)
+                    group["weight_decay"] = sched["wd"]
             loss_sum = 0.0
             for micro in range(args.accum_steps):
                 images, _ = next(batches)
                 images = images.to(device, non_blocking=True)
-                sync = micro == args.accum_steps - 1 or world == 1
-                with nullcontext() if sync else run_encoder.no_sync(), nullcontext() if sync else run_predictor.no_sync():
-                    loss, plan, stats = train_step(step_models, images, step, total, args, generator, autocast)
+                # DDP all-reduces gradients only after the last micro-step of the accumulation
+                defer = world > 1 and micro < args.accum_steps - 1
+                with (run_encoder.no_sync() if defer else nullcontext()), \
+                        (run_predictor.no_sync() if defer else nullcontext()):
+                    loss, plan, stats = train_step(step_models, images, sched["lambda"], args, generator, autocast)
                     loss = loss / args.accum_steps
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item()  # one host sync per micro-step (the plan already needs one)
@@ -507,7 +518,7 @@ def main(argv=None):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # --- 7. EMA update of the target encoder
-            ema_update(target_encoder, encoder, ema_at(step, args, total))
+            ema_update(target_encoder, encoder, sched["ema"])
             step += 1
 
             # --- logging, checkpoints, preemption
@@ -515,12 +526,10 @@ def main(argv=None):
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_at(step - 1, args, total, warmup):.2e}",
-                                lam=f"{lambda_at(step - 1, args, total):.2f}", img_s=f"{args.batch_size / dt:.0f}")
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{sched['lr']:.2e}", lam=f"{sched['lambda']:.2f}",
+                                img_s=f"{args.batch_size / dt:.0f}")
                 if step % args.log_every == 0 or step == stop_at:
-                    row = {"step": step, "epoch": epoch, "loss": loss_sum, "lr": lr_at(step - 1, args, total, warmup),
-                           "wd": wd_at(step - 1, args, total), "ema": ema_at(step - 1, args, total),
-                           "lambda": lambda_at(step - 1, args, total), "step_time": dt,
+                    row = {"step": step, "epoch": epoch, "loss": loss_sum, **sched, "step_time": dt,
                            "img_per_s": args.batch_size / dt, "peak_mem_mb": peak_memory_mb(device)}
                     row.update({k: float(v) for k, v in stats.items()})
                     log.write(json.dumps(row) + "\n")

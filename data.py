@@ -587,10 +587,11 @@ def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     return loader
 
 
-def build_train_loader(args, batch_size, rank=0, world_size=1, device="cpu"):
+def build_train_loader(args, batch_size, rank=0, world_size=1, device="cpu", class_to_idx=None):
     """train.py: the training split with the paper's crops (no flip), batch_size per process.
-    -> loader of (imgs (B, 3, S, S), labels (B,)); also .num_classes and .source (the raw set)."""
-    return _from_args(args, "train", batch_size, True, rank, world_size, device)
+    -> loader of (imgs (B, 3, S, S), labels (B,)); also .num_classes and .source (the raw set).
+    class_to_idx: a resumed run's saved map (imagefolder), so the labels stay the run's."""
+    return _from_args(args, "train", batch_size, True, rank, world_size, device, class_to_idx=class_to_idx)
 
 
 def build_eval_loader(args, split, batch_size, rank=0, world_size=1, device="cpu", *, augment=False,

@@ -40,7 +40,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -60,13 +59,14 @@ import train
 MODEL_KEYS = ("model", "img_size", "patch_size", "pred_dim", "pred_depth")  # must match the weights
 # Properties of the machine running the evaluation, never taken from the training run's config.
 MACHINE_KEYS = ("preset", "device", "amp", "compile", "seed", "num_workers", "device_data", "out_dir",
-                "resume", "no_auto_resume")
+                "resume", "no_auto_resume", "resume_override")
 EVALS = ("knn", "linear", "finetune", "picture")
 
 
 def get_args_parser():
     """train.py's parser (the one shared configuration) plus an "evaluation" group."""
     p = train.get_args_parser()
+    p.description = "Evaluate a DSeq-JEPA / I-JEPA checkpoint, or a random-init / raw-pixel baseline"
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", default=None, help="train.py checkpoint; its target encoder is evaluated")
     g.add_argument("--init", choices=["checkpoint", "random"], default="checkpoint",
@@ -132,23 +132,25 @@ def resolve_config(argv=None):
     if args.checkpoint is None:
         if args.init == "checkpoint" and not args.pixels:
             parser.error("give --checkpoint PATH, or --init random / --pixels for a baseline")
+        if "out_dir" not in given:  # a baseline's own folder, never a training run's
+            args.out_dir = os.path.join("out", f"{args.preset}-{'pixels' if args.pixels else args.init}")
         return args, None
     if args.init == "random" or args.pixels:
         parser.error("--checkpoint cannot be combined with --init random or --pixels (baselines need no weights)")
-    if not os.path.isfile(args.checkpoint):
-        sys.exit(f"error: checkpoint {args.checkpoint} does not exist; check --checkpoint")
-    ckpt = train.load_checkpoint(args.checkpoint)  # clear error if corrupt / not a training checkpoint
+    # one-line error if missing, corrupt or not a training checkpoint; the fix names OUR flag
+    ckpt = train.load_checkpoint(args.checkpoint, fix="check --checkpoint: it must name a checkpoint.pt written by train.py")
     saved = ckpt["config"]
     for key in MODEL_KEYS:
         if key in given and getattr(args, key) != saved.get(key):
-            sys.exit(f"error: --{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
-                     f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
-                     "(model flags are read from the checkpoint)")
+            train.fail(f"--{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
+                       f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
+                       "(model flags are read from the checkpoint)")
     for key, value in saved.items():
         if key not in given and key not in MACHINE_KEYS and hasattr(args, key):
             setattr(args, key, value)
     if "out_dir" not in given:
         args.out_dir = os.path.dirname(args.checkpoint) or "."
+    args.class_to_idx = saved.get("class_to_idx")  # the run's train class map (imagefolder), if saved
     return args, ckpt
 
 
@@ -161,7 +163,7 @@ def load_target_encoder(ckpt, args, path):
               if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         flags = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in MODEL_KEYS)
-        sys.exit(f"error: checkpoint {path} does not fit the target encoder built from {flags}: "
+        train.fail(f"checkpoint {path} does not fit the target encoder built from {flags}: "
                  f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, shape mismatches (checkpoint vs "
                  f"model) {shapes[:4]}. Evaluate it with the flags it was trained with (its saved config).")
     encoder.load_state_dict(state, strict=True)
@@ -179,12 +181,29 @@ def _dist():
     return 0, 1
 
 
+def train_class_map(args):
+    """ImageFolder labels for every split: the run's saved train map, else the train folder's own
+    (sorted class folders of DATA_PATH/train). A val folder missing a class keeps the right labels; one
+    with a class the map lacks is a DataError. None for the other datasets (labels come with the data)."""
+    if args.dataset != "imagefolder":
+        return None
+    saved = getattr(args, "class_to_idx", None)
+    if saved:
+        return saved
+    d = os.path.join(args.data_path, "train")
+    if not os.path.isdir(d):
+        return None  # ImageFolder reports the missing folder
+    return {c: i for i, c in enumerate(sorted(e.name for e in os.scandir(d) if e.is_dir()))}
+
+
 def _eval_loader(args, split, batch_size, rank=0, world=1, device="cpu", augment=False):
-    """data.build_eval_loader; in-memory sets (synthetic, CIFAR, MNIST) are batched in memory even on
-    the CPU, where one DeviceLoader batch beats per-image PIL work in worker processes."""
+    """data.build_eval_loader with the train class map; in-memory sets (synthetic, CIFAR, MNIST) are
+    batched in memory even on the CPU, where one DeviceLoader batch beats per-image PIL work in worker
+    processes."""
     if args.device_data == "auto" and args.dataset != "imagefolder":
         args = argparse.Namespace(**{**vars(args), "device_data": "on"})
-    return data.build_eval_loader(args, split, batch_size, rank, world, device, augment=augment)
+    return data.build_eval_loader(args, split, batch_size, rank, world, device, augment=augment,
+                                  class_to_idx=train_class_map(args))
 
 
 def pooled_features(encoder, images, kinds):
@@ -420,7 +439,12 @@ def finetune(encoder, args, device):
     total = args.ft_epochs * len(train_loader)
     warmup = round(args.ft_warmup_epochs * len(train_loader))
     step, losses = 0, []
-    for epoch in tqdm(range(args.ft_epochs), desc="fine-tune", leave=False, dynamic_ncols=True):
+    # full fine-tuning is the slow evaluation (demo on a 2-core CPU: ~20 s per epoch, ~30 min for 100):
+    # say so up front, and show every step with its ETA
+    print(f"fine-tuning {args.ft_epochs} epochs x {len(train_loader)} steps = {total} steps of "
+          f"{args.ft_batch_size} images (--ft-epochs sets the length)")
+    bar = tqdm(total=total, desc="fine-tune", dynamic_ncols=True)
+    for epoch in range(args.ft_epochs):
         train_loader.set_epoch(epoch)
         losses = []
         for images, y in train_loader:
@@ -438,6 +462,9 @@ def finetune(encoder, args, device):
                 opt.step()
             losses.append(loss.detach())
             step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, refresh=False)  # no loss here: .item() would sync every step
+    bar.close()
     net.eval()
     scores, labels = [], []
     with torch.no_grad(), autocast:
@@ -715,4 +742,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # the message names the data and the fix; a traceback adds nothing
+        train.fail(str(e))

@@ -66,14 +66,60 @@ PRESETS = {
                              pred_dim=384, pred_depth=12, epochs=300, batch_size=2048, warmup_epochs=15),
 }
 
+# What a resumed run may change. A checkpoint's step only means something with the flags that
+# produced it: a resume with any OTHER flag changed (method, model, data, batch size, crops,
+# schedules, seed, ...) would mix two runs, so it stops with an error naming the flag.
+# Free to change: how and where the run executes and what it logs; none alters the trained weights'
+# meaning (accum_steps keeps the same batch; data_path may move; num_val only sizes the kNN monitor).
+RESUME_FREE = ("preset", "device", "amp", "compile", "num_workers", "device_data", "accum_steps", "data_path",
+               "num_val", "out_dir", "resume", "no_auto_resume", "resume_override", "ckpt_every", "log_every",
+               "knn_every", "stop_at_step", "picture")
+# Changeable with --resume-override FLAG: legitimate continuations (train longer, a new lr tail, clipping
+# after a spike) whose schedules then continue from the resumed step with the new values.
+RESUME_OVERRIDABLE = ("epochs", "lr", "start_lr", "final_lr", "warmup_epochs", "weight_decay",
+                      "final_weight_decay", "ema", "clip_grad")
+
+# Sanity bound on checkpointed weights. ViT weights are O(1) (init std 0.02, LayerNorm gains ~1) and
+# weight decay keeps them there; a healthy run stays far below 1e3. One AdamW step moves a weight by
+# about lr, so only a divergence (e.g. --lr 1e6: ~1e6 after step 1) crosses 1e4, while the loss can
+# still look finite. Such weights are never written as "the last good checkpoint".
+MAX_ABS_WEIGHT = 1e4
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except where the default is None (the help text says what None means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every command-line mistake is ONE line on stderr and exit code 2 (argparse's own code), no
+    usage block and no traceback; prefix matching is off, so a typo such as --lambda 2.0 is an error
+    instead of a silent --lambda-coin."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        fail(message, self.prog)
+
+
+def fail(message, prog=None):
+    """One-line error for a mistake the user can fix: `PROG: error: MESSAGE`, exit code 2."""
+    prog = prog or os.path.basename(sys.argv[0])
+    tqdm.write(f"{prog}: error: {message}", file=sys.stderr)  # on its own line below a progress bar
+    stop = SystemExit(message)  # str() is the message (for callers and tests) ...
+    stop.code = 2  # ... while the process exits with argparse's code for usage errors, printing nothing more
+    raise stop
+
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DSeq-JEPA", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="DSeq-JEPA pretraining (presets set the defaults shown; see --preset)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="sets many defaults at once (flags given explicitly still win)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", help="synthetic | cifar10 | cifar100 | fashion_mnist | mnist | imagefolder")
+    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="synthetic | cifar10 | cifar100 | fashion_mnist | mnist | imagefolder")
     g.add_argument("--data-path", default=None, help="dataset root folder (not needed for synthetic)")
     g.add_argument("--subset-file", default=None, help="imagefolder only: list of relative image paths to use (official 10%% ImageNet subset)")
     g.add_argument("--img-size", type=int, default=224, help="input resolution (paper: 224; 448 for ViT-H)")
@@ -125,9 +171,14 @@ def get_args_parser():
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile encoder and predictor (default: on for CUDA)")
     g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
-    g.add_argument("--out-dir", default="out", help="checkpoints, metrics.jsonl, config.json and pictures go here")
+    g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
+                   "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")
     g.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUT_DIR/checkpoint.pt if present)")
     g.add_argument("--no-auto-resume", action="store_true", help="start fresh even if OUT_DIR holds a checkpoint (it is overwritten)")
+    g.add_argument("--resume-override", nargs="+", default=[], metavar="FLAG",
+                   help="on resume, accept these changed flags instead of stopping, e.g. --resume-override epochs "
+                        f"(allowed: {', '.join(RESUME_OVERRIDABLE)}; the schedules then follow the new values "
+                        "from the resumed step on)")
     g.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps (and at the end)")
     g.add_argument("--log-every", type=int, default=10, help="append to metrics.jsonl every this many steps")
     g.add_argument("--knn-every", type=int, default=10, help="kNN monitor on the held-out split every this many epochs (0 = only at the end)")
@@ -138,34 +189,111 @@ def get_args_parser():
 
 
 def parse_args(argv=None, parser=None):
-    """Parse with presets: the preset's values become defaults, explicit flags override them."""
+    """Parse with presets: the preset's values become defaults, explicit flags override them.
+    The preset is read first, so --help shows the defaults this command will really use."""
     parser = parser or get_args_parser()
-    known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PRESETS[known.preset])
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default="demo")
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset in PRESETS:  # an unknown one is reported by the full parse below
+        parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
     check_args(args, parser)
     return args
 
 
+def default_out_dir(args):
+    """out/PRESET, with -ijepa / -replicate for those variants: the README's commands never share a folder."""
+    return os.path.join("out", args.preset + ("-ijepa" if args.method == "ijepa" else "")
+                        + ("-replicate" if args.dseq_pass == "replicate" else ""))
+
+
 def check_args(args, parser):
-    """Bad flag combinations fail here, at parse time, with the fix in the message."""
+    """Bad values and flag combinations fail here, at parse time, with the fix in the message:
+    nothing has been read, built or written yet."""
+    if args.out_dir is None:
+        args.out_dir = default_out_dir(args)
     try:
         data.check_img_size(args.img_size, args.patch_size)
     except data.DataError as e:
         parser.error(f"--img-size / --patch-size: {e}")
+    if args.dataset == "synthetic" and args.img_size < 16:
+        parser.error(f"--img-size {args.img_size}: the synthetic shapes need at least 16 px (demo: 32)")
+    width, depth, heads = vit.SIZES[args.model]
     if args.regions < 2:
         parser.error(f"--regions {args.regions}: need at least 2 (one ranked region and the background)")
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha {args.alpha} must be in (0, 1) (paper: 0.15)")
+    # every ranked region covers at least alpha of the grid, so at most 1 / alpha of them can exist
+    if (args.regions - 1) * args.alpha > 1 + 1e-9:
+        parser.error(f"--regions {args.regions} with --alpha {args.alpha}: each ranked region needs {args.alpha:g} "
+                     f"of the image, so at most {int(1 / args.alpha + 1e-9) + 1} regions can exist; lower --regions "
+                     "or --alpha (paper: 5 and 0.15)")
+    if not -depth <= args.saliency_layer < depth:
+        parser.error(f"--saliency-layer {args.saliency_layer}: --model {args.model} has blocks 0..{depth - 1} "
+                     f"(or -1..-{depth} from the end; paper: -2)")
+    if args.pred_depth < 1 or args.pred_dim < 1:
+        parser.error("--pred-depth and --pred-dim must be positive")
+    if args.pred_dim % heads:
+        parser.error(f"--pred-dim {args.pred_dim} is not divisible by the {heads} heads of --model {args.model}; "
+                     f"pick a multiple of {heads} (e.g. {heads * 64})")
     if args.method == "ijepa" and (args.dseq_pass != "causal" or args.region_order != "saliency"
                                    or args.prediction != "sequential" or args.region_source != "saliency"):
         parser.error("DSeq flags (--dseq-pass/--region-order/--prediction/--region-source) have no effect with --method ijepa; drop them")
-    if not 0 < args.alpha < 1:
-        parser.error(f"--alpha {args.alpha} must be in (0, 1) (paper: 0.15)")
-    if args.amp == "fp16" and args.device == "cpu":
+    if args.num_targets < 1:
+        parser.error(f"--num-targets {args.num_targets}: I-JEPA needs at least 1 target block (paper: 4)")
+    for flag, (lo, hi), top in (("--crop-scale", args.crop_scale, 1), ("--target-scale", args.target_scale, 1),
+                                ("--context-scale", args.context_scale, 1)):
+        if not 0 < lo <= hi <= top:
+            parser.error(f"{flag} {lo:g} {hi:g}: need 0 < MIN <= MAX <= 1 (fractions of the image)")
+    if not 0 <= args.ema[0] <= args.ema[1] <= 1:
+        parser.error(f"--ema {args.ema[0]:g} {args.ema[1]:g}: need 0 <= START <= END <= 1 (paper: 0.996 1.0)")
+    if args.amp == "fp16" and (args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):
         parser.error("--amp fp16 needs CUDA; use --amp none (or bf16) on the CPU")
     if args.dataset != "synthetic" and args.data_path is None:
         parser.error(f"--dataset {args.dataset} needs --data-path (the folder holding it)")
     if args.accum_steps < 1 or args.batch_size < 1:
         parser.error("--batch-size and --accum-steps must be positive")
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs} must be at least 1")
+    if args.lr <= 0 or min(args.start_lr, args.final_lr, args.weight_decay, args.final_weight_decay,
+                           args.warmup_epochs, args.clip_grad) < 0:
+        parser.error("--lr must be positive; --start-lr, --final-lr, --weight-decay, --final-weight-decay, "
+                     "--warmup-epochs and --clip-grad must be >= 0")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed {args.seed} must be in 0..2**32-1 (it seeds numpy too)")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers {args.num_workers} must be >= 0 (0 = load in the main process)")
+    if args.dataset == "synthetic" and args.num_train < args.batch_size:
+        parser.error(f"--num-train {args.num_train} is smaller than one batch (--batch-size {args.batch_size})")
+    if args.num_val < 1:
+        parser.error(f"--num-val {args.num_val} must be at least 1 (the kNN monitor queries it)")
+    for flag in ("log_every", "ckpt_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1 (steps)")
+    if args.knn_every < 0 or args.stop_at_step < 0:
+        parser.error("--knn-every and --stop-at-step must be >= 0 (0 = only at the end / run to the end)")
+    bad = [f for f in args.resume_override if f.replace("-", "_").lstrip("_") not in RESUME_OVERRIDABLE]
+    if bad:
+        parser.error(f"--resume-override {' '.join(bad)}: only {', '.join(RESUME_OVERRIDABLE)} may change "
+                     "on resume; for anything else use another --out-dir")
+
+
+def check_resume_config(saved, args, path):
+    """Stop (one line, exit 2) if a run-defining flag differs from the checkpoint's saved config.
+    Flags in RESUME_FREE may always differ; RESUME_OVERRIDABLE ones when named in --resume-override.
+    Keys an older checkpoint lacks are not compared."""
+    allowed = set(RESUME_FREE) | {f.replace("-", "_").lstrip("_") for f in args.resume_override}
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # nargs=2: tuple default, list typed
+    for key, value in vars(args).items():
+        if key in allowed or key not in saved or norm(saved[key]) == norm(value):
+            continue
+        flag = "--" + key.replace("_", "-")
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+        way = (f"or add --resume-override {key.replace('_', '-')} to continue it with the new value"
+               if key in RESUME_OVERRIDABLE else f"or pass {flag} {show(saved[key])} to continue it")
+        fail(f"{flag} {show(value)} differs from the checkpoint {path} being resumed ({flag} {show(saved[key])}); "
+             f"use another --out-dir for a new run (or --no-auto-resume to overwrite this one), {way}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,19 +438,30 @@ def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path):
-    """Read a checkpoint written by save_checkpoint; a clear error (no traceback) if it is not one."""
+def load_checkpoint(path, fix="pass --resume with another file, or --no-auto-resume to start fresh"):
+    """Read a checkpoint written by save_checkpoint; a one-line error (no traceback) if it is not one.
+    fix: what the calling script's user should do instead (evaluate.py names its own flag)."""
     if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint {path} does not exist; check --resume")
+        fail(f"checkpoint {path} does not exist; {fix}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated file, wrong format, ...
-        sys.exit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {e}). It is corrupt or not a "
-                 f"dseq-jepa checkpoint; pass --resume with another file, or --no-auto-resume to start fresh.")
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+             f"It is corrupt or not a dseq-jepa checkpoint; {fix}")
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        sys.exit(f"error: {path} is not a dseq-jepa training checkpoint (missing {missing})")
+        fail(f"{path} is not a dseq-jepa training checkpoint (missing {missing}); {fix}")
     return ckpt
+
+
+def weights_are_sane(models):
+    """(ok, why): every weight finite and below MAX_ABS_WEIGHT (see there), checked before a checkpoint."""
+    for name, m in zip(("encoder", "predictor", "target_encoder"), models):
+        for p in m.parameters():
+            top = p.detach().abs().max().item()
+            if not math.isfinite(top) or top > MAX_ABS_WEIGHT:
+                return False, f"{name} holds a weight of magnitude {top:.3g} (bound {MAX_ABS_WEIGHT:g})"
+    return True, ""
 
 
 def restore(ckpt, path, models, optimizer, scaler, generator):
@@ -368,7 +507,7 @@ def pick_device(args, local_rank):
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is visible; use --device cpu")
+        fail("--device cuda but no CUDA device is visible; use --device cpu")
     return device
 
 
@@ -431,15 +570,29 @@ def main(argv=None):
         args.compile = device.type == "cuda"
     per_step = args.batch_size // (world * args.accum_steps)  # images per process per micro-step
     if per_step * world * args.accum_steps != args.batch_size:
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by processes x --accum-steps "
-                 f"({world} x {args.accum_steps}); pick a multiple of {world * args.accum_steps}")
+        fail(f"--batch-size {args.batch_size} is not divisible by processes x --accum-steps "
+             f"({world} x {args.accum_steps}); pick a multiple of {world * args.accum_steps}")
 
-    # --- data (data.py): the training split with the paper's crops, the held-out split for kNN
-    loader = data.build_train_loader(args, per_step, rank, world, device)
+    # --- resume: explicit --resume, else the checkpoint in --out-dir if there is one. Read and
+    # compared with these flags before anything is built or written (check_resume_config).
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) and not args.no_auto_resume else None)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        check_resume_config(ckpt["config"], args, resume)
+
+    # --- data (data.py): the training split with the paper's crops, the held-out split for kNN.
+    # ImageFolder labels follow the TRAIN class map, saved with the run (config + checkpoint) and
+    # used for every later split, so a val folder missing or adding a class cannot shift labels.
+    saved_map = ckpt["config"].get("class_to_idx") if ckpt is not None else None
+    loader = data.build_train_loader(args, per_step, rank, world, device, class_to_idx=saved_map)
+    args.class_to_idx = getattr(loader.source, "class_to_idx", None)
+    if args.dataset == "imagefolder":  # a val class the map does not know: fail now, not after the run
+        data.build_dataset("imagefolder", args.data_path, "val", class_to_idx=args.class_to_idx)
     steps_per_epoch = len(loader) // args.accum_steps
     if steps_per_epoch == 0:
-        sys.exit(f"error: the training set has fewer than one batch of {per_step * args.accum_steps} images per "
-                 f"process; lower --batch-size")
+        fail(f"the training set has fewer than one batch of {per_step * args.accum_steps} images per "
+             f"process; lower --batch-size")
     total = args.epochs * steps_per_epoch
     warmup = round(args.warmup_epochs * steps_per_epoch)
 
@@ -451,18 +604,16 @@ def main(argv=None):
     optimizer = make_optimizer(encoder, predictor, args)
     generator = torch.Generator(device=device).manual_seed(seed)  # drives masking.py only
 
-    # --- resume: explicit --resume, else the checkpoint in --out-dir if there is one
+    # --- resume (the checkpoint was read and checked above)
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) and not args.no_auto_resume else None)
     step = 0
     if resume:
-        step = restore(load_checkpoint(resume), resume, models, optimizer, scaler, generator)
+        step = restore(ckpt, resume, models, optimizer, scaler, generator)
         if master:
             print(f"resumed from {resume} at step {step}")
 
     if master:
-        print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "class_to_idx"))
         print(f"processes {world} x micro-batch {per_step} x accum {args.accum_steps} = batch {args.batch_size}; "
               f"{steps_per_epoch} steps/epoch, {total} steps; peak lr {args.lr:g}; device {device}; "
               f"encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params")
@@ -505,8 +656,8 @@ def main(argv=None):
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item()  # one host sync per micro-step (the plan already needs one)
             if not math.isfinite(loss_sum):
-                sys.exit(f"error: loss is {loss_sum} at step {step}; stopping without writing a checkpoint "
-                         f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
+                fail(f"loss is {loss_sum} at step {step}; stopping without writing a checkpoint "
+                     f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
             if scaler:
                 scaler.unscale_(optimizer)
             if args.clip_grad > 0:
@@ -535,6 +686,11 @@ def main(argv=None):
                     log.write(json.dumps(row) + "\n")
                     log.flush()
             if master and (step % args.ckpt_every == 0 or step == stop_at or preempt.requested):
+                # only finite, bounded weights after a finite loss (checked above) become "good"
+                ok, why = weights_are_sane(models)
+                if not ok:
+                    fail(f"step {step}: {why}; the run diverged, so no checkpoint is written (the last good "
+                         f"one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
                 save_checkpoint(ckpt_path, models, optimizer, scaler, step, args, generator)
             if step >= stop_at or preempt.requested:
                 break
@@ -573,4 +729,7 @@ def knn_monitor(target_encoder, args, device, step, epoch, log, master):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # the message names the data and the fix; a traceback adds nothing
+        fail(str(e))

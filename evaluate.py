@@ -1,8 +1,8 @@
 """
 Evaluate a DSeq-JEPA (or I-JEPA) checkpoint: kNN, linear probe, fine-tuning, pictures of the plans.
 
-    python evaluate.py --checkpoint out/checkpoint.pt                      # kNN + linear probe
-    python evaluate.py --checkpoint out/checkpoint.pt --eval knn,linear,finetune,picture --features both
+    python evaluate.py --checkpoint out/demo/checkpoint.pt                      # kNN + linear probe
+    python evaluate.py --checkpoint out/demo/checkpoint.pt --eval knn,linear,finetune,picture --features both
     python evaluate.py --init random                                       # random-init baseline
     python evaluate.py --pixels --eval knn,linear                          # raw-pixel baseline
 
@@ -439,7 +439,7 @@ def finetune(encoder, args, device):
     total = args.ft_epochs * len(train_loader)
     warmup = round(args.ft_warmup_epochs * len(train_loader))
     step, losses = 0, []
-    # full fine-tuning is the slow evaluation (demo on a 2-core CPU: ~20 s per epoch, ~30 min for 100):
+    # full fine-tuning is the slow evaluation (the demo's 100 epochs: 30+ min on a 2-core CPU):
     # say so up front, and show every step with its ETA
     print(f"fine-tuning {args.ft_epochs} epochs x {len(train_loader)} steps = {total} steps of "
           f"{args.ft_batch_size} images (--ft-epochs sets the length)")

@@ -267,14 +267,24 @@ def load_idx(root, split):
     return ArrayDataset(x, torch.from_numpy(labels.astype(np.int64)))
 
 
+_BAD_FLAGS = {}  # (folder, subset file, size) -> shared (N,) uint8 flags of unreadable images
+
+
+def unreadable_images():
+    """How many unreadable images the ImageFolders of this process (and their workers) skipped."""
+    return sum(int(f.sum()) for f in _BAD_FLAGS.values())
+
+
 class ImageFolder(Dataset):
     """ROOT/SPLIT/CLASS/*.jpg trees (ImageNet, CUB, Cars, iNat after the usual preparation).
 
     Classes are the sorted folder names, or `class_to_idx` (e.g. the train map saved with the run,
     so val labels line up). subset_file: one image per line, either CLASS/FILE relative to
     ROOT/SPLIT or a bare ImageNet name n01440764_10026.JPEG (class = text before '_'), as in the
-    official 10 % subset. Items: (PIL RGB image, label). An unreadable image is warned about once,
-    counted in n_bad (per process: each DataLoader worker counts its own) and replaced by the next.
+    official 10 % subset. Items: (PIL RGB image, label). An unreadable image is replaced by the next
+    one and warned about ONCE per path for the whole run: its flag lives in shared memory, common to
+    the DataLoader workers, every epoch and every ImageFolder of the same folder in this process (the
+    kNN bank re-reads the train split). n_bad counts them; unreadable_images() sums all folders.
     """
 
     def __init__(self, root, split="train", subset_file=None, class_to_idx=None):
@@ -299,7 +309,11 @@ class ImageFolder(Dataset):
             raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) under '{d}/CLASS/'; "
                             f"expected {LAYOUT['imagefolder']}")
         self.samples = [(os.path.join(d, r), self.class_to_idx[r.split(os.sep)[0]]) for r in rels]
-        self.bad = set()  # indices of unreadable files, never retried
+        # (len(samples),) uint8, 1 = unreadable: never retried nor re-warned (see the docstring)
+        key = (d, subset_file, len(self.samples))
+        if key not in _BAD_FLAGS:
+            _BAD_FLAGS[key] = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self.bad_flags = _BAD_FLAGS[key]
 
     @staticmethod
     def _read_subset(path, d):
@@ -318,7 +332,7 @@ class ImageFolder(Dataset):
 
     @property
     def n_bad(self):
-        return len(self.bad)
+        return int(self.bad_flags.sum())
 
     def __len__(self):
         return len(self.samples)
@@ -326,16 +340,16 @@ class ImageFolder(Dataset):
     def __getitem__(self, i):
         for k in range(50):  # a run of 50 unreadable files means a broken copy, not bad luck
             j = (i + k) % len(self.samples)
-            if j in self.bad:
+            if self.bad_flags[j]:
                 continue
             path, label = self.samples[j]
             try:
                 with Image.open(path) as im:
                     return im.convert("RGB"), label  # convert() decodes: truncation fails here
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
-                self.bad.add(j)
+                self.bad_flags[j] = 1  # seen by every worker from now on
                 warnings.warn(f"unreadable image '{path}' ({e}); using the next one instead "
-                              f"({len(self.bad)} bad so far)", RuntimeWarning)
+                              "(each bad file is named once; the count is printed at the end)", RuntimeWarning)
         raise DataError(f"50 unreadable images in a row from '{self.samples[i][0]}'; the data copy "
                         "looks broken, extract it again")
 

@@ -737,6 +737,8 @@ def main(argv=None):
         digits = 3 if r["eval"] == "picture" else 2  # shares in [0, 1] vs accuracies in percent
         value = "n/a" if r["value"] is None else f"{r['value']:.{digits}f}"
         print(f"{r['eval']:<10}{r['features']:<10}{metric:<30}{value:>10}")
+    if data.unreadable_images():  # each was named once when first met
+        print(f"{data.unreadable_images()} unreadable images were skipped (replaced by their neighbours)")
     print(f"wrote {path}")
     return report
 

@@ -699,6 +699,8 @@ def main(argv=None):
             if args.knn_every and epoch % args.knn_every == 0 and step < total:
                 knn_monitor(target_encoder, args, device, step, epoch, log, master)
     bar.close()
+    if master and data.unreadable_images():  # each was named once when first met
+        print(f"{data.unreadable_images()} unreadable images were skipped (replaced by their neighbours)")
     if preempt.requested:
         if master:
             print(f"preempted: checkpoint at step {step} in {ckpt_path}; rerun the same command to resume")

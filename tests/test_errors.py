@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -244,3 +245,23 @@ def test_corrupt_checkpoint_in_evaluate_names_its_own_flag(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "check --checkpoint" in r.stderr and "--resume" not in r.stderr and "--no-auto-resume" not in r.stderr
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
+# An unreadable image is named once per run, not once per worker / epoch / kNN pass
+
+
+def test_bad_image_is_warned_once_across_workers_epochs_and_instances(tmp_path, recwarn):
+    root = image_tree(tmp_path, "train", ["cat", "dog"])
+    (root / "train" / "cat" / "cat_1.png").write_bytes(b"not a png")
+    ds = data.ImageFolder(str(root), "train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=lambda items: items)
+    assert sum(len(b) for b in loader) == 8  # the bad file was replaced, in a worker process
+    assert ds.n_bad == 1  # ... and the main process knows: the flags are shared memory
+    before = data.unreadable_images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second epoch and a second instance (the kNN bank) stay quiet
+        assert len([ds[i] for i in range(len(ds))]) == 8
+        again = data.ImageFolder(str(root), "train")
+        assert len([again[i] for i in range(len(again))]) == 8 and again.n_bad == 1
+    assert data.unreadable_images() == before >= 1

@@ -484,7 +484,15 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 200, 0], 
 GREY = np.array([150, 150, 150], np.float32)  # the background region R_N
 # "magma"-like colour map, written as 5 anchors and linear interpolation: dark = low saliency
 CMAP = np.array([[0, 0, 4], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191]], np.float32)
-CONTEXT_TINT = np.array([0, 190, 255], np.float32)  # I-JEPA context
+CONTEXT_TINT = np.array([0, 190, 255], np.float32)  # context, in the DSeq steps and the I-JEPA plan
+TARGET_TINT = np.array([255, 215, 0], np.float32)  # DSeq target: yellow stripes, whatever its shape
+
+
+def stripes(shape, period=6):
+    """(H, W) bool diagonal stripes: marks an area as the target without outlining its edge (an
+    outline of the background target would trace R_1's edge and make the context look targeted)."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy + xx) % period < period // 2
 
 
 def colormap(v):
@@ -571,12 +579,16 @@ def plan_picture(target_encoder, args, path, device):
                                                     context_scale=tuple(args.context_scale))
     i_ctx, i_tgt = plan_maps(masking.ijepa_plan(ctx_mask, tgt_masks), P)  # (m, P), (m, M+1, P)
 
-    # --- layout: panels of >= ~128 px (nearest upscaling), a title block above
+    # --- layout: panels of >= ~128 px (nearest upscaling), a title block above. A row with L
+    # non-empty regions has L - 1 DSeq steps; columns no shown row uses are dropped (one is kept for
+    # the "I-JEPA fallback" note when no row has a DSeq plan).
     S = images.shape[-1]
     scale = max(1, round(128 / S))
     panel, cell, pad, line = S * scale, args.patch_size * scale, 4, 13
-    cols = 3 + (N - 1) + 1
-    title_h = 3 * line + 2 * pad
+    steps = torch.where(dplan.dseq[:m], dplan.n_regions[:m], 0) - 1  # (m,) DSeq steps per row
+    n_steps = max(1, int(steps.max()))
+    cols = 3 + n_steps + 1
+    title_h = 5 * line + 2 * pad  # 4 lines of legend (short enough for the narrowest picture) + heads
     W, H = pad + cols * (panel + pad), title_h + m * (panel + pad) + pad
     canvas = np.full((H, W, 3), 255, np.float32)
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -602,19 +614,27 @@ def plan_picture(target_encoder, args, path, device):
             rows_, cols_ = np.nonzero(reg == r)
             j = np.argmin((rows_ - rows_.mean()) ** 2 + (cols_ - cols_.mean()) ** 2)
             labels.append((x0 + (cols_[j] + 0.5) * cell, y0 + (rows_[j] + 0.5) * cell, str(r)))
-        # DSeq steps: step k has context R_1..R_k (levels <= k) in colour, target R_{k+1} outlined
+        # DSeq steps: step k has context = levels 1..k tinted blue, target = the next region striped
+        # yellow, the rest dark; the panel names the region numbers drawn (bg = the background R_N)
         L = int(dplan.n_regions[b]) if bool(dplan.dseq[b]) else 0
-        for k in range(1, N):
+        name = lambda r: f"{r} (bg)" if r in (0, N) else str(r)
+        for k in range(1, n_steps + 1):
             if k >= L:
                 place(b, 2 + k, np.full_like(img, 235))
                 if k == 1:
                     labels.append((x0 + panel + pad + panel / 2, y0 + panel / 2, "< 2 regions:\nI-JEPA fallback"))
                 continue
-            ctx = up(((d_ctx[b] >= 1) & (d_ctx[b] <= k)).numpy().reshape(h, w), cell)  # (panel, panel)
-            tgt = up(d_tgt[b, k + 1].numpy().reshape(h, w), cell)  # (panel, panel)
-            pix = np.where(ctx[..., None], 0.4 * img + 0.6 * up(region_colours(reg, N), cell),
-                           np.where(tgt[..., None], img, dim))  # the target stays bright: visible at edges
-            place(b, 2 + k, np.where(outline(tgt, 3)[..., None], 255.0, pix))
+            ctx_p = ((d_ctx[b] >= 1) & (d_ctx[b] <= k)).numpy()  # (P,) context patches at step k
+            tgt_p = d_tgt[b, k + 1].numpy()  # (P,) target patches of step k
+            ctx, tgt = up(ctx_p.reshape(h, w), cell), up(tgt_p.reshape(h, w), cell)  # (panel, panel) each
+            striped = tgt & stripes(tgt.shape)
+            pix = np.where(ctx[..., None], 0.45 * img + 0.55 * CONTEXT_TINT,
+                           np.where(striped[..., None], 0.4 * img + 0.6 * TARGET_TINT,
+                                    np.where(tgt[..., None], img, dim)))
+            x, y = place(b, 2 + k, pix)
+            rc = ",".join(name(r) for r in np.unique(reg.reshape(-1)[ctx_p]))
+            rt = ",".join(name(r) for r in np.unique(reg.reshape(-1)[tgt_p]))
+            labels.append((x + panel / 2, y + 8, f"{rc} -> {rt}"))
         # I-JEPA: context tinted, the M target blocks bright and outlined in PALETTE colours (may overlap)
         ctx = up((i_ctx[b] > 0).numpy().reshape(h, w), cell)
         tgt = up(i_tgt[b, 1:].any(0).numpy().reshape(h, w), cell)
@@ -627,22 +647,24 @@ def plan_picture(target_encoder, args, path, device):
     im = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(im)
     overlap = stats["top_region_object_overlap"]
-    draw.text((pad, pad), f"DSeq-JEPA plans on held-out images: saliency <q, z_j> of block {args.saliency_layer}, "
-              f"N = {N} regions (alpha {args.alpha}), order '{args.region_order}', {args.prediction} prediction"
+    legend = [f"DSeq-JEPA plans on held-out images: saliency <q, z_j> of block {args.saliency_layer}, "
+              f"N = {N} regions (alpha {args.alpha})",
+              f"order '{args.region_order}', {args.prediction} prediction"
               + ("" if overlap is None else f"; R_1 overlaps the object in {100 * overlap:.0f}% of {n} images"),
-              fill=(0, 0, 0))
-    draw.text((pad, pad + line), "DSeq step k: context R_1..R_k in colour, target R_k+1 bright and outlined "
-              "white, rest dark; I-JEPA: context tinted blue, target blocks outlined", fill=(0, 0, 0))
+              "DSeq step k: context tinted blue, target striped yellow, rest dark; the panel names the",
+              "regions 'context -> target' (bg = background).  I-JEPA: context blue, target blocks outlined"]
+    for i, text in enumerate(legend):
+        draw.text((pad, pad + i * line), text, fill=(0, 0, 0))
     heads = ["image", "saliency (min-max)", f"regions 1..{N} ({N} = bg)"]
-    heads += [f"step {k}: R1..R{k} -> R{k + 1}" for k in range(1, N)] + [f"I-JEPA, {args.num_targets} blocks"]
+    heads += [f"DSeq step {k}" for k in range(1, n_steps + 1)] + [f"I-JEPA, {args.num_targets} blocks"]
     for c, text in enumerate(heads):
-        draw.text((pad + c * (panel + pad), pad + 2 * line), text, fill=(0, 0, 0))
+        draw.text((pad + c * (panel + pad), pad + 4 * line), text, fill=(0, 0, 0))
     for x, y, text in labels:
         draw.multiline_text((x, y), text, fill=(0, 0, 0) if "\n" in text else (255, 255, 255), anchor="mm",
                             align="center", stroke_width=0 if "\n" in text else 2, stroke_fill=(0, 0, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     im.save(path)
-    return {"path": path, "size": [W, H], **stats}
+    return {"path": path, "size": [W, H], "step_columns": n_steps, **stats}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -277,8 +277,10 @@ def test_picture_is_written_and_not_blank(trained, tmp_path):
     path = str(tmp_path / "plans.png")
     out = evaluate.plan_picture(enc, args, path, "cpu")
     im = np.asarray(Image.open(path).convert("RGB"))
-    panel, pad, cols, rows = 16 * 8, 4, 3 + (args.regions - 1) + 1, 6  # 16 px upscaled x8 to 128
-    assert im.shape == (3 * 13 + 2 * pad + rows * (panel + pad) + pad, pad + cols * (panel + pad), 3)
+    # one column per DSeq step some shown row has (at least one), empty ones dropped
+    assert 1 <= out["step_columns"] <= args.regions - 1
+    panel, pad, cols, rows = 16 * 8, 4, 3 + out["step_columns"] + 1, 6  # 16 px upscaled x8 to 128
+    assert im.shape == (5 * 13 + 2 * pad + rows * (panel + pad) + pad, pad + cols * (panel + pad), 3)
     assert [im.shape[1], im.shape[0]] == out["size"]
     assert im.std() > 30 and len(np.unique(im.reshape(-1, 3), axis=0)) > 200
     assert 0 <= out["top_region_object_overlap"] <= 1 and out["images"] == 64

@@ -769,4 +769,4 @@ if __name__ == "__main__":
     try:
         main()
     except data.DataError as e:  # the message names the data and the fix; a traceback adds nothing
-        train.fail(str(e))
+        train.fail(train.data_error_line(e))

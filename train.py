@@ -114,12 +114,19 @@ def fail(message, prog=None):
     raise stop
 
 
+def data_error_line(e):
+    """A DataError's message; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback, whose last line is the original `data.DataError: MESSAGE`."""
+    last = str(e).strip().splitlines()[-1]
+    return last.split("DataError: ", 1)[1] if "DataError: " in last else last
+
+
 def get_args_parser():
     p = ArgumentParser(description="DSeq-JEPA pretraining (presets set the defaults shown; see --preset)")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="sets many defaults at once (flags given explicitly still win)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="synthetic | cifar10 | cifar100 | fashion_mnist | mnist | imagefolder")
+    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="which data (synthetic is built in; the others need --data-path)")
     g.add_argument("--data-path", default=None, help="dataset root folder (not needed for synthetic)")
     g.add_argument("--subset-file", default=None, help="imagefolder only: list of relative image paths to use (official 10%% ImageNet subset)")
     g.add_argument("--img-size", type=int, default=224, help="input resolution (paper: 224; 448 for ViT-H)")
@@ -219,7 +226,7 @@ def check_args(args, parser):
         parser.error(f"--img-size / --patch-size: {e}")
     if args.dataset == "synthetic" and args.img_size < 16:
         parser.error(f"--img-size {args.img_size}: the synthetic shapes need at least 16 px (demo: 32)")
-    width, depth, heads = vit.SIZES[args.model]
+    _, depth, heads = vit.SIZES[args.model]
     if args.regions < 2:
         parser.error(f"--regions {args.regions}: need at least 2 (one ranked region and the background)")
     if not 0 < args.alpha < 1:
@@ -242,9 +249,9 @@ def check_args(args, parser):
         parser.error("DSeq flags (--dseq-pass/--region-order/--prediction/--region-source) have no effect with --method ijepa; drop them")
     if args.num_targets < 1:
         parser.error(f"--num-targets {args.num_targets}: I-JEPA needs at least 1 target block (paper: 4)")
-    for flag, (lo, hi), top in (("--crop-scale", args.crop_scale, 1), ("--target-scale", args.target_scale, 1),
-                                ("--context-scale", args.context_scale, 1)):
-        if not 0 < lo <= hi <= top:
+    for flag, (lo, hi) in (("--crop-scale", args.crop_scale), ("--target-scale", args.target_scale),
+                           ("--context-scale", args.context_scale)):
+        if not 0 < lo <= hi <= 1:
             parser.error(f"{flag} {lo:g} {hi:g}: need 0 < MIN <= MAX <= 1 (fractions of the image)")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:
         parser.error(f"--ema {args.ema[0]:g} {args.ema[1]:g}: need 0 <= START <= END <= 1 (paper: 0.996 1.0)")
@@ -734,4 +741,4 @@ if __name__ == "__main__":
     try:
         main()
     except data.DataError as e:  # the message names the data and the fix; a traceback adds nothing
-        fail(str(e))
+        fail(data_error_line(e))

@@ -265,3 +265,14 @@ def test_bad_image_is_warned_once_across_workers_epochs_and_instances(tmp_path, 
         again = data.ImageFolder(str(root), "train")
         assert len([again[i] for i in range(len(again))]) == 8 and again.n_bad == 1
     assert data.unreadable_images() == before >= 1
+
+
+def test_data_error_raised_in_a_worker_is_one_line(tmp_path):
+    root = image_tree(image_tree(tmp_path / "d", "train", ["cat", "dog"]), "val", ["cat"])
+    for f in (root / "train").rglob("*.png"):
+        f.write_bytes(b"broken copy")  # every train image unreadable: the worker gives up
+    r = script(os.path.join(ROOT, "train.py"), *FOLDER, "--data-path", str(root), "--batch-size", "4",
+               "--num-workers", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: 50 unreadable images in a row"), r.stderr

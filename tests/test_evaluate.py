@@ -230,6 +230,35 @@ def test_probe_learns_linearly_separable_features():
         assert out[kind]["val_top1"] > 95 and out[kind]["train_top1"] > 90 and out[kind]["holdout_top1"] > 90
 
 
+def test_probe_augmentation_is_random_resized_crop_008_1_and_flip():
+    """--probe-aug: the official probe's / MAE's RandomResizedCrop scale (0.08, 1) and a horizontal
+    flip, not pretraining's --crop-scale (0.3, 1). A fixture image encodes its own coordinates
+    (red = 4 x, green = 4 y), so every output tells which box was cut and whether it was mirrored."""
+    H = 64
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(H), indexing="ij")
+    img = torch.stack([4 * xs, 4 * ys, torch.full_like(xs, 128)]).to(torch.uint8)  # (3, H, W)
+    source = data.ArrayDataset(img[None].expand(2000, -1, -1, -1), torch.zeros(2000, dtype=torch.long))
+    args = eval_args(*DATA)  # --crop-scale stays at pretraining's (0.3, 1)
+    S = args.img_size
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255
+
+    def boxes(augment):
+        loader = evaluate.probe_loader(args, source, torch.arange(2000), 500, "cpu", augment=augment)
+        out = torch.cat([x for x, _ in loader]) * std + mean  # (N, 3, S, S) back in [0, 255]
+        dx = (out[:, 0, :, -1] - out[:, 0, :, 0]).mean(1)  # (N,) red across a row: 4 w (S-1) / S
+        dy = (out[:, 1, -1, :] - out[:, 1, 0, :]).mean(1)  # (N,) green down a column
+        w, h = dx.abs() / 4 * S / (S - 1), dy / 4 * S / (S - 1)  # crop box in source pixels
+        return w * h / H ** 2, dx < 0  # area share, mirrored
+
+    area, flipped = boxes(augment=True)
+    assert area.min() > 0.08 - 0.02 and area.min() < 0.12 and area.max() > 0.95  # spans (0.08, 1)
+    assert (area < 0.3).float().mean() > 0.15  # pretraining's (0.3, 1) would give none of these
+    assert 0.45 < flipped.float().mean() < 0.55
+    area, flipped = boxes(augment=False)  # the held-out features: the whole image, never mirrored
+    assert torch.allclose(area, torch.ones_like(area), atol=0.02) and not flipped.any()
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: train -> evaluate round trip, strict loading, clear errors
 

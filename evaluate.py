@@ -92,6 +92,9 @@ def get_args_parser():
     g.add_argument("--probe-holdout", type=float, default=0.1,
                    help="share of the training split held out (stratified, seeded by --seed) to choose the "
                         "probe's lr / wd; the test split is never used for that")
+    g.add_argument("--probe-whiten", action=argparse.BooleanOptionalAction, default=False,
+                   help="cached features only: whiten them (PCA on the probe's training part) before the heads; "
+                        "the same linear classifiers, but SGD converges on ill-conditioned features (paper: off)")
     g.add_argument("--probe-aug", action=argparse.BooleanOptionalAction, default=False,
                    help="probe training on RandomResizedCrop scale (0.08, 1) + horizontal flip (bilinear), "
                         "features re-extracted every epoch (paper / MAE probe: on, bicubic)")
@@ -138,6 +141,9 @@ def resolve_config(argv=None):
         parser.error("--pixels has no encoder to fine-tune or picture; use --eval knn,linear")
     if not 0 < args.probe_holdout < 1:
         parser.error(f"--probe-holdout {args.probe_holdout}: give a share in (0, 1), e.g. 0.1")
+    if args.probe_whiten and (args.probe_aug or args.probe_cache is False):
+        parser.error("--probe-whiten needs cached features (its statistics come from them); "
+                     "drop --probe-aug / --no-probe-cache or --probe-whiten")
     if args.probe_aug and args.probe_cache:
         parser.error("--probe-cache cannot cache augmented features (new crops every epoch); "
                      "drop one of the flags")
@@ -333,6 +339,17 @@ def probe_loader(args, source, idx, batch_size, device, augment):
                                crop_scale=PROBE_CROP_SCALE, flip=augment)
     loader.source = sub
     return loader
+
+
+def whitening(feats, eps=1e-6):
+    """feats (N, F) -> (mean (F,), W (F, F)): (x - mean) W has identity covariance (PCA whitening).
+    Directions with variance below eps x the largest are scaled as if they had that variance. A
+    probe on whitened features is still a linear classifier of the original ones, but plain SGD
+    converges on it: frozen ViT features are very ill-conditioned (demo: condition number ~1e11)."""
+    x = feats.double()
+    mean = x.mean(0)  # (F,)
+    var, vecs = torch.linalg.eigh(torch.cov((x - mean).T))  # (F,), (F, F) columns = directions
+    return mean.float(), (vecs / var.clamp_min(eps * var.max()).sqrt()).float()  # (F,), (F, F)
 
 
 def holdout_split(labels, frac, seed):
@@ -783,8 +800,14 @@ def main(argv=None):
         if cache:
             fit = ({k: f[fit_idx.to(f.device)] for k, f in bank.items()}, bank_y[fit_idx.to(bank_y.device)])
             hold = ({k: f[hold_idx.to(f.device)] for k, f in bank.items()}, bank_y[hold_idx.to(bank_y.device)])
+            test = (val, val_y)
+            if args.probe_whiten:  # statistics of the fit part only; the same map for holdout and test
+                white = {k: whitening(f) for k, f in fit[0].items()}
+                fit, hold, test = [({k: (f - white[k][0]) @ white[k][1] for k, f in part.items()}, y)
+                                   for part, y in (fit, hold, test)]  # each (N, F)
             batches = cached_batches(*fit, args.probe_batch_size, args.seed)
         else:
+            test = (val, val_y)
             fit = None
             hold = extract(encoder, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
                            kinds, device, autocast, "holdout features")
@@ -794,13 +817,13 @@ def main(argv=None):
         threads = torch.get_num_threads()
         if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
             torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
-        probe = linear_probe(batches, hold, (val, val_y), num_classes, args, device, args.probe_batch_size, fit=fit)
+        probe = linear_probe(batches, hold, test, num_classes, args, device, args.probe_batch_size, fit=fit)
         torch.set_num_threads(threads)
         for f, r in probe.items():
             r.update(n_fit=len(fit_idx), n_holdout=len(hold_idx))
             for metric in ("train_top1", "holdout_top1", "val_top1", "val_top5"):
                 add("linear", f, metric, r[metric], lr=r["lr"], wd=r["wd"], epochs=args.probe_epochs,
-                    augment=args.probe_aug, n_fit=len(fit_idx), n_holdout=len(hold_idx))
+                    augment=args.probe_aug, whiten=args.probe_whiten, n_fit=len(fit_idx), n_holdout=len(hold_idx))
     # 4. fine-tuning
     if "finetune" in evals:
         for metric, value in finetune(encoder, args, device).items():

@@ -212,6 +212,26 @@ def test_probe_grid_reaches_a_converged_logistic_regression():
     assert reference - old["val_top1"] > 2.0 and len(old["grid"]) == 1
 
 
+def test_whitened_probe_converges_on_ill_conditioned_features():
+    """Frozen ViT features are very ill-conditioned (the demo's: condition number ~1e11), which
+    per-dimension BatchNorm cannot fix. Same problem as above seen through an invertible mixing with
+    condition number ~3e2 (variances over 1e5): the linear accuracy is unchanged (the reference is fitted on the latent),
+    BatchNorm + SGD falls far short, --probe-whiten's PCA whitening reaches the reference."""
+    (z, y), (zt, yt) = overlapping_gaussians(6000, 5000)
+    reference = logistic_regression_lbfgs(z, y, zt, yt, 5)
+    q, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(1)))
+    mix = q * torch.logspace(0, -2.5, 24)  # (F, F) invertible, variances spread over 1e5
+    x, xt = z @ mix.T, zt @ mix.T
+    mean, w = evaluate.whitening(x)
+    white = (x - mean) @ w
+    a = torch.randn(2000, 8, generator=torch.Generator().manual_seed(2)) @ torch.randn(8, 8) + 5
+    m, wa = evaluate.whitening(a)
+    assert torch.allclose(torch.cov(((a - m) @ wa).T), torch.eye(8), atol=1e-3)  # identity covariance
+    plain = run_probe(x, y, xt, yt, 5)["last"]["val_top1"]
+    whitened = run_probe(white, y, (xt - mean) @ w, yt, 5)["last"]["val_top1"]
+    assert abs(whitened - reference) <= 1.0 and reference - plain > 5, (whitened, plain, reference)
+
+
 def test_probe_learns_linearly_separable_features():
     g = torch.Generator().manual_seed(0)
     means = torch.randn(4, 32, generator=g) * 1.5
@@ -289,6 +309,9 @@ def test_checkpoint_round_trip_knn_and_cached_probe(trained, tmp_path):
         probe = saved["probe"][f]  # the chosen head, its train accuracy next to test, and the grid
         assert {"lr", "wd", "train_top1", "holdout_top1", "val_top1", "grid"} <= set(probe)
         assert len(probe["grid"]) == 18 and probe["n_fit"] + probe["n_holdout"] == 160
+    white = evaluate.main(["--checkpoint", ckpt_path, "--eval", "linear", "--probe-whiten", "--probe-epochs", "1",
+                           "--features", "last", "--out-dir", str(tmp_path), "--eval-name", "white", "--device", "cpu"])
+    assert white["probe"]["last"]["val_top1"] >= 0 and white["results"][0]["whiten"]
     # knn_monitor's number is the same protocol: "last" features, k = 20 (here on 48 val images)
     args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path, "--num-val", "48"])
     enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
@@ -333,6 +356,8 @@ def test_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
     (["--init", "random", "--eval", "knn,probe"], "unknown ['probe']"),
     (["--pixels", "--eval", "picture"], "no encoder"),
     (["--init", "random", "--probe-aug", "--probe-cache"], "cannot cache augmented"),
+    (["--init", "random", "--probe-aug", "--probe-whiten"], "--probe-whiten needs cached features"),
+    (["--init", "random", "--probe-holdout", "0"], "--probe-holdout 0.0"),
 ])
 def test_bad_eval_flags_fail_at_parse_time(flags, message, capsys):
     with pytest.raises(SystemExit):

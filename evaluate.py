@@ -17,6 +17,8 @@ Protocols (the paper's, after I-JEPA). Features come from the frozen TARGET enco
             in the same pass over each batch (one batched weight tensor, DINO-style); each kind's
             head is chosen on a stratified --probe-holdout share of TRAIN, never on the test split,
             and its held-out, train and test accuracy and the whole grid go to the JSON.
+            --probe-whiten: PCA-whiten the cached features first (frozen ViT features are so
+            ill-conditioned that SGD on BatchNorm-ed features stays far from the optimum).
             Default: no augmentation, features extracted once and cached (seconds on a CPU for
             CIFAR-sized sets); --probe-aug: RandomResizedCrop scale (0.08, 1) + flip (bilinear; the
             official probe uses bicubic), features re-extracted every epoch.

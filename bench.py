@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import masking
 import saliency
 import train
 
@@ -88,6 +89,10 @@ def get_parser():
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU "
                    "(default on CUDA with bf16: H100/H200 SXM 989, A100 312 dense bf16)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--official-cost", action="store_true",
+                   help="only the analytic FLOPs of the official DSeq step structure vs an I-JEPA step (no timing)")
+    p.add_argument("--demo-time", action="store_true",
+                   help="only time `python train.py` (the demo; extra train.py flags pass through): wall time, peak RSS")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     p.add_argument("--probe-images", default=None, help=argparse.SUPPRESS)
     return p
@@ -219,6 +224,59 @@ def bench_saliency(B, grid, N, alpha, repeats, device):
             "share_with_ranked_region": ranked, "identical": True}
 
 
+def write_json(result, path):
+    """Print result and write it to path (if given); -> result."""
+    print(json.dumps(result, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def official_cost(targs, n_images=256):
+    """Model FLOPs of the official DSeq-JEPA step structure (fault 5) over an I-JEPA step, from token
+    counts, with the formula of plan_numbers (docstring 4). I-JEPA: the real multi-block plans of
+    masking.py (context ~ 0.85-1 of the grid minus 4 targets of 0.15-0.2). Official DSeq: every image
+    repeated once per step of Eq. 5 (N - 1 rows), and every row runs the context encoder and the
+    predictor over ALL P tokens (the hidden ones are masked in attention, not dropped), targets R_{k+1}
+    (P / N tokens on average). Both add one target-encoder pass over the full image."""
+    enc, pred, _ = train.build_models(targs)
+    gen = torch.Generator().manual_seed(targs.seed)
+    ctx, tgts = masking.sample_multiblock(n_images, enc.grid, gen, n_targets=targs.num_targets,
+                                          target_scale=tuple(targs.target_scale),
+                                          context_scale=tuple(targs.context_scale))
+    ijepa = plan_numbers(masking.ijepa_plan(ctx, tgts), n_images, enc, pred, targs.patch_size)
+    D, depth, Dp, pdepth, P, N = enc.embed_dim, enc.depth, pred.pred_dim, len(pred.blocks), enc.num_patches, targs.regions
+    block = lambda L, d: 24 * L * d * d + 4 * L * L * d
+    embed = 2 * P * 3 * targs.patch_size ** 2 * D
+    n_t = P / N
+    row = embed + depth * block(P + 1, D) + 2 * P * D * Dp + pdepth * block(P, Dp) + 2 * n_t * Dp * D
+    official = (3 * (N - 1) * row + embed + depth * block(P + 1, D)) / 1e9
+    return {"command": "python bench.py " + shlex.join(sys.argv[1:]), "model": targs.model, "img_size": targs.img_size,
+            "patch_size": targs.patch_size, "pred_dim": targs.pred_dim, "pred_depth": targs.pred_depth,
+            "regions": N, "ijepa_gflop_img": ijepa["gflop_img"], "ijepa_enc_tokens": ijepa["enc_real"],
+            "ijepa_pred_tokens": ijepa["pred_real"], "official_dseq_gflop_img": official,
+            "official_over_ijepa": official / ijepa["gflop_img"]}
+
+
+def demo_time(train_argv):
+    """Run `python train.py TRAIN_ARGV` (the demo by default) in a fresh process: wall time and the
+    child's peak RSS (getrusage of children), plus its final kNN line."""
+    import resource
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                "--out-dir", tmp, *train_argv]
+        t = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kB
+        knn = [json.loads(l) for l in open(os.path.join(tmp, "metrics.jsonl")) if "knn_top1" in l][-1]
+    return {"command": "python bench.py " + shlex.join(sys.argv[1:]), "train_argv": train_argv,
+            "machine": machine(torch.device("cpu")), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "wall_s": wall, "wall": f"{int(wall // 60)} min {wall % 60:.0f} s", "peak_rss_gb": rss_kb / 2**20,
+            "knn_top1": knn["knn_top1"], "steps": knn["step"]}
+
+
 def machine(device):
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -239,6 +297,10 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
     if args.probe:
         return memory_probe(args, targs, device)
+    if args.official_cost:
+        return write_json(official_cost(targs), args.json)
+    if args.demo_time:
+        return write_json(demo_time(rest), args.json)
     info = {"command": "python bench.py " + shlex.join(argv), "machine": machine(device)}
     autocast, _ = train.make_autocast(targs, device)
     amp = targs.amp if targs.amp != "auto" else ("bf16" if device.type == "cuda" else "none")

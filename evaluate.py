@@ -12,11 +12,16 @@ Protocols (the paper's, after I-JEPA). Features come from the frozen TARGET enco
             concatenated                                                            (B, 4D)
   kNN     : cosine similarity of L2-normalised features, k = 20, votes weighted exp(sim / 0.07)
   linear  : BatchNorm1d(affine=False) + Linear per feature kind, SGD momentum 0.9 Nesterov (the
-            official probe silently ran WITHOUT momentum, fault 6), wd 5e-4, lr 0.01 x batch / 256,
-            28 epochs, x0.1 at 8 / 16 / 24
+            official probe silently ran WITHOUT momentum, fault 6), lr x batch / 256, 28 epochs,
+            x0.1 at 8 / 16 / 24. A GRID of heads (--probe-lr x --probe-wd, default 6 x 3) is trained
+            in the same pass over each batch (one batched weight tensor, DINO-style); each kind's
+            head is chosen on a stratified --probe-holdout share of TRAIN, never on the test split,
+            and its held-out, train and test accuracy and the whole grid go to the JSON.
+            --probe-whiten: PCA-whiten the cached features first (frozen ViT features are so
+            ill-conditioned that SGD on BatchNorm-ed features stays far from the optimum).
             Default: no augmentation, features extracted once and cached (seconds on a CPU for
-            CIFAR-sized sets); --probe-aug gives the paper's RandomResizedCrop + flip, re-extracted
-            every epoch.
+            CIFAR-sized sets); --probe-aug: RandomResizedCrop scale (0.08, 1) + flip (bilinear; the
+            official probe uses bicubic), features re-extracted every epoch.
   finetune: MAE-style: AdamW, layer-wise lr decay 0.75, warmup + cosine, label smoothing 0.1
             (compact: RandomResizedCrop + flip only, no RandAugment / mixup / drop-path)
   picture : image | saliency | ranked regions | the DSeq plan step by step | an I-JEPA plan, plus
@@ -81,10 +86,20 @@ def get_args_parser():
     g.add_argument("--knn-t", type=float, default=0.07, help="temperature of the exp(sim / T) votes (paper: 0.07)")
     g.add_argument("--probe-epochs", type=int, default=28, help="linear-probe epochs (paper: 28, lr x0.1 at 8/16/24)")
     g.add_argument("--probe-batch-size", type=int, default=256, help="linear-probe batch size")
-    g.add_argument("--probe-lr", type=float, default=0.01, help="linear-probe lr per 256 images (paper: 0.01 x batch / 256)")
-    g.add_argument("--probe-wd", type=float, default=5e-4, help="linear-probe weight decay (paper: 5e-4)")
+    g.add_argument("--probe-lr", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                   help="linear-probe lr per 256 images; several = a grid of heads trained in one pass, the best "
+                        "chosen on --probe-holdout (paper: 0.01 x batch / 256; at 0.01 our short probes under-fit)")
+    g.add_argument("--probe-wd", type=float, nargs="+", default=[0.0, 1e-4, 5e-4],
+                   help="linear-probe weight decay(s), crossed with --probe-lr in the grid (paper: 5e-4)")
+    g.add_argument("--probe-holdout", type=float, default=0.1,
+                   help="share of the training split held out (stratified, seeded by --seed) to choose the "
+                        "probe's lr / wd; the test split is never used for that")
+    g.add_argument("--probe-whiten", action=argparse.BooleanOptionalAction, default=False,
+                   help="cached features only: whiten them (PCA on the probe's training part) before the heads; "
+                        "the same linear classifiers, but SGD converges on ill-conditioned features (paper: off)")
     g.add_argument("--probe-aug", action=argparse.BooleanOptionalAction, default=False,
-                   help="RandomResizedCrop + flip on probe training images, features re-extracted every epoch (paper: on)")
+                   help="probe training on RandomResizedCrop scale (0.08, 1) + horizontal flip (bilinear), "
+                        "features re-extracted every epoch (paper / MAE probe: on, bicubic)")
     g.add_argument("--probe-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="extract the features once and train on the cache (default: on without --probe-aug; "
                         "turn off when the features do not fit in memory)")
@@ -126,6 +141,11 @@ def resolve_config(argv=None):
         parser.error(f"--eval {args.eval}: unknown {bad}; choose from {', '.join(EVALS)}")
     if args.pixels and ({"finetune", "picture"} & set(args.eval.split(","))):
         parser.error("--pixels has no encoder to fine-tune or picture; use --eval knn,linear")
+    if not 0 < args.probe_holdout < 1:
+        parser.error(f"--probe-holdout {args.probe_holdout}: give a share in (0, 1), e.g. 0.1")
+    if args.probe_whiten and (args.probe_aug or args.probe_cache is False):
+        parser.error("--probe-whiten needs cached features (its statistics come from them); "
+                     "drop --probe-aug / --no-probe-cache or --probe-whiten")
     if args.probe_aug and args.probe_cache:
         parser.error("--probe-cache cannot cache augmented features (new crops every epoch); "
                      "drop one of the flags")
@@ -308,24 +328,107 @@ def knn_monitor(target_encoder, args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Linear probe
+# Linear probe: a grid of heads trained in one pass, chosen on a split held out from train
 
 
-def make_probe(dims, num_classes):
-    """One head per feature kind {kind: F}: BatchNorm1d without affine (standardises the frozen
-    features, so one lr suits every kind) + Linear(F, C)."""
-    heads = nn.ModuleDict({k: nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes))
-                           for k, d in dims.items()})
-    for head in heads.values():
-        nn.init.normal_(head[1].weight, std=0.01)
-        nn.init.zeros_(head[1].bias)
-    return heads
+PROBE_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop scale of the official probe and MAE's linear probe
 
 
-def probe_optimizer(heads, args, batch_size):
-    """SGD with momentum 0.9, Nesterov (the official probe forgot momentum: fault 6), lr scaled."""
-    return torch.optim.SGD(heads.parameters(), lr=args.probe_lr * batch_size / 256, momentum=0.9,
-                           nesterov=True, weight_decay=args.probe_wd)
+def dataset_labels(ds):
+    """(N,) int64 labels of a build_dataset set without decoding images where possible."""
+    if hasattr(ds, "tensors"):
+        return ds.tensors()[1].cpu()
+    if hasattr(ds, "samples"):
+        return torch.tensor([y for _, y in ds.samples])
+    return torch.tensor([ds[i][1] for i in range(len(ds))])
+
+
+def probe_loader(args, source, idx, batch_size, device, augment):
+    """Images idx of the training set `source` for the probe: augment -> shuffled RandomResizedCrop
+    scale PROBE_CROP_SCALE (not pretraining's --crop-scale) + horizontal flip, resized bilinearly
+    (the official probe uses bicubic); else the eval crop in a fixed order. In-memory sets stay in
+    memory (batched crops, as _eval_loader)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    if hasattr(source, "tensors"):
+        images, labels = source.tensors()
+        sub = data.ArrayDataset(images[idx.to(images.device)], labels[idx.to(labels.device)])
+    else:
+        sub = torch.utils.data.Subset(source, idx.tolist())
+    on_device = hasattr(sub, "tensors") and args.device_data != "off"
+    loader = data.build_loader(sub, args.img_size, batch_size, augment, num_workers=args.num_workers,
+                               seed=args.seed, device=device, on_device=on_device,
+                               crop_scale=PROBE_CROP_SCALE, flip=augment)
+    loader.source = sub
+    return loader
+
+
+def whitening(feats, eps=1e-6):
+    """feats (N, F) -> (mean (F,), W (F, F)): (x - mean) W has identity covariance (PCA whitening).
+    Directions with variance below eps x the largest are scaled as if they had that variance. A
+    probe on whitened features is still a linear classifier of the original ones, but plain SGD
+    converges on it: frozen ViT features are very ill-conditioned (demo: condition number ~1e11)."""
+    x = feats.double()
+    mean = x.mean(0)  # (F,)
+    var, vecs = torch.linalg.eigh(torch.cov((x - mean).T))  # (F,), (F, F) columns = directions
+    return mean.float(), (vecs / var.clamp_min(eps * var.max()).sqrt()).float()  # (F,), (F, F)
+
+
+def holdout_split(labels, frac, seed):
+    """Stratified, seeded split of the training set: labels (N,) -> (fit_idx, holdout_idx), both
+    sorted. From each class, round(frac * n_c) images (at least 1 when frac > 0) are held out to
+    choose the probe's lr / wd; the test split is never used for that choice."""
+    labels = torch.as_tensor(labels).cpu()
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()  # (n_c,)
+        k = min(len(idx) - 1, max(1, round(frac * len(idx)))) if frac > 0 else 0
+        held.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+class ProbeGrid(nn.Module):
+    """Every (lr, wd) head of the grid for one feature kind, as one batched weight tensor.
+
+    BatchNorm1d without affine standardises the frozen features (shared by all heads: it has no
+    parameters, only running statistics), then head h computes x W_h + b_h.
+    weight (H, F, C), bias (H, 1, C); forward x (B, F) -> logits (H, B, C).
+    """
+
+    def __init__(self, dim, num_classes, n_heads):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.weight = nn.Parameter(torch.randn(n_heads, dim, num_classes) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(n_heads, 1, num_classes))
+
+    def forward(self, x):
+        return torch.einsum("bf,hfc->hbc", self.norm(x), self.weight) + self.bias  # (H, B, C)
+
+
+def make_probe(dims, num_classes, n_heads=1):
+    """{kind: F} -> ModuleDict {kind: ProbeGrid(F, C, n_heads)}."""
+    return nn.ModuleDict({k: ProbeGrid(d, num_classes, n_heads) for k, d in dims.items()})
+
+
+def probe_grid(args):
+    """The (lr per 256 images, wd) pairs of the grid, lr-major: [(lr, wd), ...] (H pairs)."""
+    return [(lr, wd) for lr in args.probe_lr for wd in args.probe_wd]
+
+
+@torch.no_grad()
+def sgd_nesterov_step(params, buffers, lr, wd, momentum=0.9):
+    """torch.optim.SGD(momentum=0.9, nesterov=True, dampening=0) with a per-head lr and wd:
+    g = grad + wd p;  buf = momentum buf + g;  p -= lr (g + momentum buf).
+    params: tensors (H, ...), buffers: same shapes (start at 0), lr / wd: (H,) tensors.
+    (The official probe's SGD had no momentum at all: fault 6.)"""
+    for p, buf in zip(params, buffers):
+        shape = (-1,) + (1,) * (p.dim() - 1)  # (H, 1, 1): one value per head
+        g = p.grad + wd.view(shape) * p
+        buf.mul_(momentum).add_(g)
+        p.sub_(lr.view(shape) * (g + momentum * buf))
 
 
 def probe_lr_at(epoch, base_lr, epochs):
@@ -358,37 +461,62 @@ def streamed_batches(encoder, loader, kinds, device, autocast):
     return batches
 
 
-def linear_probe(train_batches, val_feats, val_labels, num_classes, args, device, batch_size):
-    """Train one head per feature kind on the same batches; -> {kind: {train_top1, val_top1, val_top5}}.
+@torch.no_grad()
+def grid_accuracy(grid, feats, labels, chunk=4096):
+    """Top-1 and top-5 (percent) of every head: feats (N, F), labels (N,) -> ((H,), (H,)) tensors."""
+    top1 = top5 = 0
+    for x, y in zip(feats.split(chunk), labels.split(chunk)):
+        top = grid(x).topk(min(5, grid.weight.shape[2]), dim=2).indices  # (H, b, 5)
+        hit = top == y[None, :, None]  # (H, b, 5)
+        top1, top5 = top1 + hit[..., 0].sum(1), top5 + hit.any(2).sum(1)  # (H,)
+    return 100 * top1.float() / len(labels), 100 * top5.float() / len(labels)
 
-    train_batches(epoch) yields ({kind: (B, F)}, labels (B,)); val_feats {kind: (N, F)}.
-    train_top1 = accuracy on the last epoch's training batches (train mode, as they were seen)."""
-    heads = make_probe({k: f.shape[1] for k, f in val_feats.items()}, num_classes).to(device)
-    opt = probe_optimizer(heads, args, batch_size)
-    base_lr = opt.param_groups[0]["lr"]
+
+def linear_probe(train_batches, holdout, test, num_classes, args, device, batch_size, fit=None):
+    """Train a grid of heads per feature kind on the same batches, choose each kind's head on the
+    held-out part of train, report its accuracy on the test (val) split.
+
+    train_batches(epoch) yields ({kind: (B, F)}, labels (B,)). holdout / test / fit: (feats
+    {kind: (N, F)}, labels (N,)); fit = the cached training features (None when streamed).
+    Every head: SGD Nesterov momentum 0.9, lr x batch / 256 with the step decay of probe_lr_at,
+    the grid's (lr, wd); the heads never interact (each has its own weights and loss term).
+    -> {kind: {lr, wd, holdout_top1, train_top1, val_top1, val_top5, grid: [{lr, wd, holdout_top1,
+    train_top1}, ...]}}. train_top1: on the cached training features after training (eval mode),
+    or when streamed, on the last epoch's batches as they were seen (train mode, augmented).
+    """
+    pairs = probe_grid(args)
+    heads = make_probe({k: f.shape[1] for k, f in test[0].items()}, num_classes, len(pairs)).to(device)
+    base_lr = torch.tensor([lr * batch_size / 256 for lr, _ in pairs], device=device)  # (H,)
+    wd = torch.tensor([w for _, w in pairs], device=device)  # (H,)
+    params = list(heads.parameters())
+    buffers = [torch.zeros_like(p) for p in params]
     heads.train()
-    correct, seen = {k: 0 for k in heads}, 0
     for epoch in tqdm(range(args.probe_epochs), desc="linear probe", leave=False, dynamic_ncols=True):
-        for group in opt.param_groups:
-            group["lr"] = probe_lr_at(epoch, base_lr, args.probe_epochs)
+        lr = probe_lr_at(epoch, base_lr, args.probe_epochs)  # (H,)
         correct, seen = {k: 0 for k in heads}, 0  # counted over the last epoch only
         for feats, y in train_batches(epoch):
             loss = 0.0
-            for k, head in heads.items():  # heads are independent: the summed loss trains each alone
-                logits = head(feats[k])  # (B, C)
-                loss = loss + F.cross_entropy(logits, y)
-                correct[k] += (logits.argmax(1) == y).sum()
-            opt.zero_grad(set_to_none=True)
+            for k, grid in heads.items():
+                logits = grid(feats[k])  # (H, B, C)
+                # sum over heads of each head's mean cross-entropy: head h's gradient is its own
+                loss = loss + F.cross_entropy(logits.flatten(0, 1), y.repeat(len(pairs)), reduction="sum") / len(y)
+                correct[k] = correct[k] + (logits.argmax(2) == y).sum(1)  # (H,)
+            for p in params:
+                p.grad = None
             loss.backward()
-            opt.step()
+            sgd_nesterov_step(params, buffers, lr, wd)
             seen += len(y)
     heads.eval()
     out = {}
-    with torch.no_grad():
-        for k, head in heads.items():
-            val_top1, val_top5 = topk_accuracy(head(val_feats[k]), val_labels)
-            out[k] = {"train_top1": 100 * float(correct[k]) / max(seen, 1), "val_top1": val_top1,
-                      "val_top5": val_top5}
+    for k, grid in heads.items():
+        hold1, _ = grid_accuracy(grid, holdout[0][k], holdout[1])  # (H,)
+        train1 = grid_accuracy(grid, fit[0][k], fit[1])[0] if fit is not None else 100 * correct[k].float() / max(seen, 1)
+        test1, test5 = grid_accuracy(grid, test[0][k], test[1])  # (H,)
+        h = int(hold1.argmax())  # the first best head in grid order: ties go to the smaller lr
+        out[k] = {"lr": pairs[h][0], "wd": pairs[h][1], "holdout_top1": hold1[h].item(),
+                  "train_top1": train1[h].item(), "val_top1": test1[h].item(), "val_top5": test5[h].item(),
+                  "grid": [{"lr": lr_, "wd": wd_, "holdout_top1": hold1[i].item(), "train_top1": train1[i].item()}
+                           for i, (lr_, wd_) in enumerate(pairs)]}
     return out
 
 
@@ -702,7 +830,7 @@ def main(argv=None):
         val_loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
         num_classes = bank_loader.num_classes
         bank, bank_y = None, None
-        if "knn" in evals or cache:
+        if "knn" in evals or ("linear" in evals and cache):
             bank, bank_y = extract(encoder, bank_loader, kinds, device, autocast, "train features")
         val, val_y = extract(encoder, val_loader, kinds, device, autocast, "val features")
     # 2. kNN
@@ -713,22 +841,40 @@ def main(argv=None):
                 top1, top5 = topk_accuracy(votes[k], val_y)
                 add("knn", f, "val_top1", top1, k=k, T=args.knn_t)
                 add("knn", f, "val_top5", top5, k=k, T=args.knn_t)
-    # 3. linear probe, on cached features or on features streamed every epoch
+    # 3. linear probe: a grid of heads, chosen on a held-out part of train, on cached features or
+    #    on features streamed every epoch (augmented crops with --probe-aug)
+    probe = {}
     if "linear" in evals:
+        source = bank_loader.source
+        labels = bank_y.cpu() if bank_y is not None else dataset_labels(source)
+        fit_idx, hold_idx = holdout_split(labels, args.probe_holdout, args.seed)  # (N_fit,), (N_hold,)
         if cache:
-            batches = cached_batches(bank, bank_y, args.probe_batch_size, args.seed)
+            fit = ({k: f[fit_idx.to(f.device)] for k, f in bank.items()}, bank_y[fit_idx.to(bank_y.device)])
+            hold = ({k: f[hold_idx.to(f.device)] for k, f in bank.items()}, bank_y[hold_idx.to(bank_y.device)])
+            test = (val, val_y)
+            if args.probe_whiten:  # statistics of the fit part only; the same map for holdout and test
+                white = {k: whitening(f) for k, f in fit[0].items()}
+                fit, hold, test = [({k: (f - white[k][0]) @ white[k][1] for k, f in part.items()}, y)
+                                   for part, y in (fit, hold, test)]  # each (N, F)
+            batches = cached_batches(*fit, args.probe_batch_size, args.seed)
         else:
-            loader = _eval_loader(args, "train", args.probe_batch_size, device=device, augment=args.probe_aug)
-            loader.sampler.shuffle = True  # without augmentation the eval loader has a fixed order
+            test = (val, val_y)
+            fit = None
+            hold = extract(encoder, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
+                           kinds, device, autocast, "holdout features")
+            loader = probe_loader(args, source, fit_idx, args.probe_batch_size, device, augment=args.probe_aug)
+            loader.sampler.shuffle = True  # without augmentation an eval loader has a fixed order
             batches = streamed_batches(encoder, loader, kinds, device, autocast)
         threads = torch.get_num_threads()
         if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
             torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
-        probe = linear_probe(batches, val, val_y, num_classes, args, device, args.probe_batch_size)
+        probe = linear_probe(batches, hold, test, num_classes, args, device, args.probe_batch_size, fit=fit)
         torch.set_num_threads(threads)
         for f, r in probe.items():
-            for metric, value in r.items():
-                add("linear", f, metric, value, epochs=args.probe_epochs, augment=args.probe_aug)
+            r.update(n_fit=len(fit_idx), n_holdout=len(hold_idx))
+            for metric in ("train_top1", "holdout_top1", "val_top1", "val_top5"):
+                add("linear", f, metric, r[metric], lr=r["lr"], wd=r["wd"], epochs=args.probe_epochs,
+                    augment=args.probe_aug, whiten=args.probe_whiten, n_fit=len(fit_idx), n_holdout=len(hold_idx))
     # 4. fine-tuning
     if "finetune" in evals:
         for metric, value in finetune(encoder, args, device).items():
@@ -749,7 +895,7 @@ def main(argv=None):
               "step": ckpt["step"] if ckpt else None,
               "data": {"dataset": args.dataset, "data_path": args.data_path, "bank_split": "train",
                        "eval_split": "val", "img_size": args.img_size},
-              "results": results, "config": vars(args)}
+              "results": results, "probe": probe, "config": vars(args)}
     path = os.path.join(args.out_dir, f"eval_{name}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1, default=str)
@@ -761,6 +907,9 @@ def main(argv=None):
         print(f"{r['eval']:<10}{r['features']:<10}{metric:<30}{value:>10}")
     if data.unreadable_images():  # each was named once when first met
         print(f"{data.unreadable_images()} unreadable images were skipped (replaced by their neighbours)")
+    for f, r in probe.items():
+        print(f"linear probe '{f}': chose lr {r['lr']:g} wd {r['wd']:g} of {len(r['grid'])} heads on "
+              f"{r['n_holdout']} held-out training images (train top-1 {r['train_top1']:.2f})")
     print(f"wrote {path}")
     return report
 

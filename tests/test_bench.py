@@ -28,3 +28,27 @@ def test_bench_runs_and_reports_every_config(tmp_path):
     # replicate runs one row per Eq. 5 step: more encoder tokens per image than the one causal pass
     assert rows["replicate+blobs"]["enc_real"] > rows["causal+blobs"]["enc_real"]
     assert result["saliency"].get("identical", True)  # skipped without cv2, else asserted equal
+
+
+def test_official_cost_estimate_counts_full_length_rows():
+    """The official structure: N - 1 full-length rows per image; dearer than the I-JEPA plan."""
+    threads = torch.get_num_threads()
+    try:
+        r = bench.main(["--official-cost", "--model", "micro", "--img-size", "32", "--patch-size", "4",
+                        "--pred-dim", "32", "--pred-depth", "2", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert r["official_dseq_gflop_img"] > r["ijepa_gflop_img"] > 0
+    assert r["ijepa_enc_tokens"] < 64 and r["official_over_ijepa"] > 3  # 4 rows of 64 tokens vs ~40
+
+
+def test_demo_time_runs_train_py_and_reports_time_and_memory():
+    tiny = ["--img-size", "16", "--patch-size", "4", "--num-train", "64", "--num-val", "32", "--num-workers", "0",
+            "--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--batch-size", "16", "--epochs", "1",
+            "--no-picture", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    try:
+        r = bench.main(["--demo-time", *tiny])
+    finally:
+        torch.set_num_threads(threads)
+    assert r["steps"] == 4 and r["wall_s"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["knn_top1"] <= 100

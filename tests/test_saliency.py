@@ -126,9 +126,12 @@ def ours(A, grid, n_regions=5, alpha=0.15):
 
 
 # ---------------------------------------------------------------- Eq. 1-3 parity with OpenCV
-@pytest.mark.parametrize('n_regions, alpha', [(5, 0.15), (3, 0.05), (7, 0.02), (5, 0.0)])
-def test_regions_match_opencv_pipeline(n_regions, alpha):
-    """Every map, every grid: the batched regions equal the per-image OpenCV extractor's."""
+PARITY_SETTINGS = [(5, 0.15), (3, 0.05), (7, 0.02), (5, 0.0)]
+
+
+def opencv_parity(n_regions, alpha):
+    """Batched regions vs the per-image OpenCV extractor on every kind of map and grid.
+    -> {agree, total, otsu_ties, ties_where_cv2_picked_our_level} (maps)."""
     rng = np.random.default_rng(n_regions * 100 + int(alpha * 100))
     per_kind = 24 if (n_regions, alpha) == (5, 0.15) else 4              # 1440 + 3 x 240 maps
     total = agree = ties = tie_agree_cv2 = 0
@@ -147,9 +150,17 @@ def test_regions_match_opencv_pipeline(n_regions, alpha):
             want[tie] = pinned
         total, ties = total + len(A), ties + int(tie.sum())
         agree += int((got == want).all(1).sum())
-    print(f'\nN={n_regions} alpha={alpha}: {agree}/{total} maps match ({100 * agree / total:.2f}%);'
-          f' {ties} exact Otsu ties, cv2 picked our level on {tie_agree_cv2}')
-    assert agree == total
+    return {"agree": agree, "total": total, "otsu_ties": ties, "ties_where_cv2_picked_our_level": tie_agree_cv2}
+
+
+@pytest.mark.parametrize('n_regions, alpha', PARITY_SETTINGS)
+def test_regions_match_opencv_pipeline(n_regions, alpha):
+    """Every map, every grid: the batched regions equal the per-image OpenCV extractor's."""
+    r = opencv_parity(n_regions, alpha)
+    print(f'\nN={n_regions} alpha={alpha}: {r["agree"]}/{r["total"]} maps match '
+          f'({100 * r["agree"] / r["total"]:.2f}%); {r["otsu_ties"]} exact Otsu ties, cv2 picked our level '
+          f'on {r["ties_where_cv2_picked_our_level"]}')
+    assert r["agree"] == r["total"]
 
 
 def test_regions_match_opencv_as_shipped():
@@ -374,3 +385,16 @@ def test_no_host_reads():
     assert regions.dtype == torch.int64 and sal.shape == (8, 196)
     fg = torch.empty(8, 14, 14, dtype=torch.bool, device='meta')
     assert saliency.connected_components(fg).shape == (8, 14, 14)
+
+
+if __name__ == "__main__":
+    # python tests/test_saliency.py --json results/saliency_parity.json: the README's parity count
+    import json
+    settings = {f"N={n} alpha={a}": opencv_parity(n, a) for n, a in PARITY_SETTINGS}
+    result = {"command": "python tests/test_saliency.py " + " ".join(sys.argv[1:]), "cv2": cv2.__version__,
+              "settings": settings, "agree": sum(r["agree"] for r in settings.values()),
+              "total": sum(r["total"] for r in settings.values())}
+    print(json.dumps(result, indent=1))
+    if "--json" in sys.argv:
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+            json.dump(result, f, indent=1)

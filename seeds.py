@@ -1,0 +1,234 @@
+"""
+Numbers with error bars: pretrain + evaluate named configurations over several seeds, then write
+the mean +- std table.
+
+    python seeds.py --table demo --seeds 0 1 2                          # the README's synthetic table
+    python seeds.py --table fmnist --seeds 0 1 --data-path ~/data/fmnist   # the Fashion-MNIST table
+    python seeds.py --config my_table.json --seeds 0 1 2 --table mine   # your own configurations
+
+A configuration is a train.py argv (None for evaluation-only baselines: random init, raw pixels)
+and an evaluate.py argv. For every configuration and seed S:
+    python train.py TRAIN_ARGV --seed S --out-dir RUNS/NAME/seedS          (skipped when complete)
+    python evaluate.py [--checkpoint RUNS/NAME/seedS/checkpoint.pt] EVAL_ARGV --seed S
+                       --out-dir RUNS/NAME/seedS --eval-name seeds       (skipped when written)
+A pretraining is complete when its out dir holds checkpoint.pt and metrics.jsonl has the end-of-run
+kNN line (epoch = the configured epochs). An interrupted pretraining resumes from its checkpoint
+(train.py's auto-resume), so rerunning the same command finishes and reuses what is there.
+
+Writes RESULTS/TABLE.json (per-seed values, mean, sample std (n - 1), n, the argvs) and RESULTS/TABLE.md
+(the table, also printed). Two rows TIE on a column when their means differ by no more than the sum
+of their stds; the best row and every row tied with it are bold, and the text under the table says
+which differences are ties. "{data}" in an argv is replaced by --data-path. Runs in this process
+(train.main / evaluate.main), one after the other; set OMP_NUM_THREADS as for train.py.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import evaluate
+import train
+
+# The README's tables. Edit here (or pass --config FILE.json with the same shape) to change them.
+FMNIST_TRAIN = ["--preset", "fashion-mnist-tiny", "--data-path", "{data}", "--model", "micro", "--pred-dim", "64",
+                "--pred-depth", "3", "--epochs", "3", "--warmup-epochs", "0.5", "--batch-size", "128",
+                "--num-workers", "0", "--knn-every", "0", "--ckpt-every", "100"]
+FMNIST_MODEL = ["--preset", "fashion-mnist-tiny", "--data-path", "{data}", "--model", "micro", "--pred-dim", "64",
+                "--pred-depth", "3", "--num-workers", "0"]
+TABLES = {
+    "demo": {  # python train.py (the demo preset), 6 epochs on the synthetic set
+        "dseq-causal": {"train": ["--num-workers", "0"], "eval": ["--eval", "knn,linear,picture"]},
+        "dseq-replicate": {"train": ["--num-workers", "0", "--dseq-pass", "replicate"],
+                           "eval": ["--eval", "knn,linear,picture"]},
+        "ijepa": {"train": ["--num-workers", "0", "--method", "ijepa"], "eval": ["--eval", "knn,linear,picture"]},
+        "random-init": {"train": None, "eval": ["--init", "random", "--num-workers", "0", "--eval", "knn,linear,picture"]},
+        "pixels": {"train": None, "eval": ["--pixels", "--num-workers", "0", "--eval", "knn,linear"]},
+    },
+    "fmnist": {  # the fashion-mnist-tiny preset shrunk to a 2-core CPU (README)
+        "dseq-causal": {"train": FMNIST_TRAIN, "eval": ["--eval", "knn,linear"]},
+        "dseq-replicate": {"train": FMNIST_TRAIN + ["--dseq-pass", "replicate"], "eval": ["--eval", "knn,linear"]},
+        "ijepa": {"train": FMNIST_TRAIN + ["--method", "ijepa"], "eval": ["--eval", "knn,linear"]},
+        "random-init": {"train": None, "eval": ["--init", "random", *FMNIST_MODEL, "--eval", "knn,linear"]},
+        "pixels": {"train": None, "eval": ["--pixels", "--preset", "fashion-mnist-tiny", "--data-path", "{data}",
+                                           "--num-workers", "0", "--eval", "knn,linear"]},
+    },
+}
+# Table columns: (title, eval, features, metric). "last" falls back to "pixels" for the pixel baseline.
+COLUMNS = [("kNN top-1", "knn", "last", "val_top1"),
+           ("linear top-1 (last)", "linear", "last", "val_top1"),
+           ("linear top-1 (concat4)", "linear", "concat4", "val_top1"),
+           ("linear train top-1 (last)", "linear", "last", "train_top1"),
+           ("top-region overlap", "picture", "saliency", "top_region_object_overlap")]
+EVAL_NAME = "seeds"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("seeds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", default="demo", help=f"table name: one of {', '.join(TABLES)}, or any name with --config")
+    p.add_argument("--config", default=None, help="JSON file {name: {\"train\": argv or null, \"eval\": argv}} "
+                                                  "instead of the built-in table")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (README tables: at least 3)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these configurations (the table still "
+                                                           "aggregates every configuration that has results)")
+    p.add_argument("--data-path", default=None, help="replaces {data} in the argvs (Fashion-MNIST: the IDX folder)")
+    p.add_argument("--train-extra", default="", help="flags appended to every train.py argv, e.g. \"--epochs 2\"")
+    p.add_argument("--eval-extra", default="", help="flags appended to every evaluate.py argv")
+    p.add_argument("--runs-dir", default="runs", help="pretraining / evaluation outputs: RUNS/NAME/seedS/")
+    p.add_argument("--results-dir", default="results", help="RESULTS/TABLE.json and RESULTS/TABLE.md go here")
+    return p
+
+
+def load_configs(args):
+    """-> {name: {"train": argv or None, "eval": argv}} with {data} and the extra flags filled in."""
+    if args.config:
+        with open(args.config) as f:
+            configs = json.load(f)
+    elif args.table in TABLES:
+        configs = TABLES[args.table]
+    else:
+        sys.exit(f"error: --table {args.table} is not built in ({', '.join(TABLES)}); give --config FILE.json")
+    needs_data = any("{data}" in a for c in configs.values() for a in (c["train"] or []) + c["eval"])
+    if needs_data and not args.data_path:
+        sys.exit(f"error: table {args.table} needs --data-path (the dataset folder)")
+    fill = lambda argv, extra: [a.replace("{data}", args.data_path or "") for a in argv] + extra.split()
+    return {name: {"train": None if c["train"] is None else fill(c["train"], args.train_extra),
+                   "eval": fill(c["eval"], args.eval_extra)} for name, c in configs.items()}
+
+
+def pretraining_complete(out):
+    """True when out/ holds checkpoint.pt and metrics.jsonl's end-of-run kNN line (epoch = epochs)."""
+    ckpt, log, cfg = (os.path.join(out, f) for f in ("checkpoint.pt", "metrics.jsonl", "config.json"))
+    if not all(os.path.isfile(f) for f in (ckpt, log, cfg)):
+        return False
+    with open(cfg) as f:
+        epochs = json.load(f)["epochs"]
+    with open(log) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return any("knn_top1" in r and r.get("epoch") == epochs for r in rows)
+
+
+def run_seed(name, config, seed, runs_dir):
+    """Pretrain (unless complete) and evaluate (unless written) one configuration at one seed.
+    -> path of its evaluation JSON."""
+    out = os.path.join(runs_dir, name, f"seed{seed}")
+    report = os.path.join(out, f"eval_{EVAL_NAME}.json")
+    eval_argv = list(config["eval"])
+    if config["train"] is not None:
+        if pretraining_complete(out):
+            print(f"[{name} seed {seed}] pretraining complete in {out}: skipped")
+        else:
+            argv = config["train"] + ["--seed", str(seed), "--out-dir", out]
+            print(f"[{name} seed {seed}] python train.py {' '.join(argv)}")
+            train.main(argv)
+        eval_argv = ["--checkpoint", os.path.join(out, "checkpoint.pt")] + eval_argv
+    if os.path.isfile(report):
+        print(f"[{name} seed {seed}] evaluation {report} exists: skipped")
+        return report
+    argv = eval_argv + ["--seed", str(seed), "--out-dir", out, "--eval-name", EVAL_NAME]
+    print(f"[{name} seed {seed}] python evaluate.py {' '.join(argv)}")
+    evaluate.main(argv)
+    return report
+
+
+def read_values(path):
+    """One evaluation JSON -> {column title: value} for the COLUMNS it has (kNN: k = 20 or its only k)."""
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    out = {}
+    for title, ev, feats, metric in COLUMNS:
+        hits = [r for r in rows if r["eval"] == ev and r["metric"] == metric and r["value"] is not None
+                and (r["features"] == feats or (feats == "last" and r["features"] == "pixels"))]
+        if ev == "knn" and len(hits) > 1:
+            hits = [r for r in hits if r.get("k") == 20] or hits[:1]
+        if hits:
+            out[title] = hits[0]["value"]
+    return out
+
+
+def aggregate(per_seed):
+    """{seed: {column: value}} -> {column: {"mean", "std", "n"}}; std is the sample std (n - 1),
+    0 for a single seed."""
+    out = {}
+    for title, *_ in COLUMNS:
+        values = [v[title] for v in per_seed.values() if title in v]
+        if values:
+            out[title] = {"mean": statistics.fmean(values),
+                          "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return out
+
+
+def ties(stats):
+    """{row: {"mean", "std"}} for one column -> (best row, rows tied with it, rows clearly below).
+    Tie: |mean_a - mean_b| <= std_a + std_b (the difference is within the seeds' spread)."""
+    best = max(stats, key=lambda r: stats[r]["mean"])
+    tied = [r for r in stats if r != best and
+            stats[best]["mean"] - stats[r]["mean"] <= stats[best]["std"] + stats[r]["std"]]
+    below = [r for r in stats if r != best and r not in tied]
+    return best, tied, below
+
+
+def markdown(table, rows, seeds):
+    """The table (mean +- std, best and tied rows bold) and one line per column naming the ties."""
+    cols = [t for t, *_ in COLUMNS if any(t in r["stats"] for r in rows.values())]
+    lines = [f"| encoder ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    verdicts, bold = [], {}
+    for c in cols:
+        stats = {name: r["stats"][c] for name, r in rows.items() if c in r["stats"]}
+        best, tied, below = ties(stats)
+        bold[c] = {best, *tied}
+        text = f"- {c}: best {best} ({stats[best]['mean']:.2f} +- {stats[best]['std']:.2f})"
+        text += f"; tied with it (difference within the spread): {', '.join(tied)}" if tied else "; no ties"
+        text += f"; below it: {', '.join(below)}" if below else ""
+        verdicts.append(text + ".")
+    for name, r in rows.items():
+        cells = []
+        for c in cols:
+            if c not in r["stats"]:
+                cells.append("-")
+                continue
+            s = r["stats"][c]
+            digits = 3 if s["mean"] <= 1 and "overlap" in c else 2
+            cell = f"{s['mean']:.{digits}f} +- {s['std']:.{digits}f}"
+            cells.append(f"**{cell}**" if name in bold[c] and len(rows) > 1 else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join([f"Table `{table}`: mean +- sample std over seeds; bold = best or tied with the best "
+                      "(|difference| <= sum of the two stds).", "", *lines, "", *verdicts]) + "\n"
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    configs = load_configs(args)
+    unknown = sorted(set(args.only or []) - set(configs))
+    if unknown:
+        sys.exit(f"error: --only {unknown}: not in table {args.table} ({', '.join(configs)})")
+    for name, config in configs.items():
+        if args.only is None or name in args.only:
+            for seed in args.seeds:
+                run_seed(name, config, seed, args.runs_dir)
+    rows = {}
+    for name, config in configs.items():
+        reports = {s: os.path.join(args.runs_dir, name, f"seed{s}", f"eval_{EVAL_NAME}.json") for s in args.seeds}
+        per_seed = {s: read_values(p) for s, p in reports.items() if os.path.isfile(p)}
+        if per_seed:
+            rows[name] = {"train": config["train"], "eval": config["eval"], "per_seed": per_seed,
+                          "stats": aggregate(per_seed), "reports": list(reports.values())}
+    if not rows:
+        sys.exit("error: no evaluation results to aggregate")
+    os.makedirs(args.results_dir, exist_ok=True)
+    text = markdown(args.table, rows, args.seeds)
+    command = "python seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = os.path.join(args.results_dir, f"{args.table}.json")
+    with open(path, "w") as f:
+        json.dump({"table": args.table, "seeds": args.seeds, "command": command, "columns": COLUMNS,
+                   "tie_rule": "|mean_a - mean_b| <= std_a + std_b", "rows": rows}, f, indent=1)
+    with open(os.path.join(args.results_dir, f"{args.table}.md"), "w") as f:
+        f.write(f"`{command}`\n\n" + text)
+    print("\n" + text + f"wrote {path} and {args.table}.md")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

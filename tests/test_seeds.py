@@ -1,0 +1,92 @@
+"""seeds.py: several seeds per configuration, mean +- std, ties, and reuse of finished runs."""
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+import evaluate
+import seeds
+import train
+
+DATA = ["--img-size", "16", "--patch-size", "4", "--num-train", "160", "--num-val", "64",
+        "--num-workers", "0", "--device", "cpu"]
+TRAIN = DATA + ["--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--batch-size", "16",
+                "--epochs", "1", "--knn-every", "0", "--alpha", "0.1", "--no-picture"]
+EVAL = ["--eval", "knn,linear", "--features", "last", "--probe-epochs", "2", "--probe-lr", "0.1", "1",
+        "--probe-wd", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_seeds_end_to_end_aggregate_and_skip_finished_work(tmp_path, monkeypatch):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({
+        "tiny-dseq": {"train": TRAIN, "eval": EVAL},
+        "pixels": {"train": None, "eval": ["--pixels", *DATA, *EVAL[:4]]},
+    }))
+    argv = ["--config", str(config), "--table", "tiny", "--seeds", "0", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    rows = seeds.main(argv)
+
+    # every seed has its own pretraining and evaluation, with that seed
+    for s in (0, 1):
+        run = tmp_path / "runs" / "tiny-dseq" / f"seed{s}"
+        assert seeds.pretraining_complete(str(run))
+        assert json.load(open(run / "config.json"))["seed"] == s
+        assert json.load(open(run / "eval_seeds.json"))["config"]["seed"] == s
+    # the aggregation equals a plain computation from the per-seed evaluation files
+    saved = json.load(open(tmp_path / "results" / "tiny.json"))
+    for name, col, ev, feats in [("tiny-dseq", "kNN top-1", "knn", "last"),
+                                 ("tiny-dseq", "linear top-1 (last)", "linear", "last"),
+                                 ("tiny-dseq", "linear train top-1 (last)", "linear", "last"),
+                                 ("pixels", "kNN top-1", "knn", "pixels")]:
+        metric = "train_top1" if "train" in col else "val_top1"
+        values = []
+        for s in (0, 1):
+            res = json.load(open(tmp_path / "runs" / name / f"seed{s}" / "eval_seeds.json"))["results"]
+            values += [r["value"] for r in res if (r["eval"], r["features"], r["metric"]) == (ev, feats, metric)]
+        assert len(values) == 2
+        mean = sum(values) / 2
+        std = (sum((v - mean) ** 2 for v in values) / (2 - 1)) ** 0.5  # sample std, n - 1
+        stats = saved["rows"][name]["stats"][col]
+        assert stats["n"] == 2 and stats["mean"] == pytest.approx(mean) and stats["std"] == pytest.approx(std)
+        assert saved["rows"][name]["per_seed"][str(0)][col] == pytest.approx(values[0])
+    md = open(tmp_path / "results" / "tiny.md").read()
+    assert "| tiny-dseq |" in md and "| pixels |" in md and "+-" in md and "kNN top-1: best" in md
+
+    # a second call reuses everything: no pretraining, no evaluation
+    def boom(*a, **k):
+        raise AssertionError("finished work was redone")
+    monkeypatch.setattr(train, "main", boom)
+    monkeypatch.setattr(evaluate, "main", boom)
+    assert seeds.main(argv)["tiny-dseq"]["per_seed"] == rows["tiny-dseq"]["per_seed"]
+    # a lost evaluation is redone from the finished checkpoint, without pretraining again
+    os.remove(tmp_path / "runs" / "tiny-dseq" / "seed1" / "eval_seeds.json")
+    calls = []
+    monkeypatch.setattr(evaluate, "main", lambda a: calls.append(a))
+    seeds.main(argv + ["--only", "tiny-dseq"])
+    assert len(calls) == 1 and calls[0][:2] == ["--checkpoint", str(tmp_path / "runs" / "tiny-dseq" / "seed1" / "checkpoint.pt")]
+
+
+def test_an_interrupted_pretraining_is_not_complete(tmp_path):
+    out = tmp_path / "run"
+    train.main(TRAIN + ["--out-dir", str(out), "--stop-at-step", "4"])  # preempted: checkpoint, no final kNN
+    assert os.path.isfile(out / "checkpoint.pt") and not seeds.pretraining_complete(str(out))
+
+
+def test_ties_are_differences_within_the_spread():
+    stats = {"a": {"mean": 50.0, "std": 1.0}, "b": {"mean": 48.5, "std": 0.6},  # 1.5 <= 1.6: tie
+             "c": {"mean": 47.0, "std": 0.5}}  # 3.0 > 1.5: below
+    assert seeds.ties(stats) == ("a", ["b"], ["c"])
+    per_seed = {0: {"kNN top-1": 1.0}, 1: {"kNN top-1": 2.0}, 2: {"kNN top-1": 6.0}}
+    agg = seeds.aggregate(per_seed)["kNN top-1"]
+    assert agg["mean"] == pytest.approx(3.0) and agg["std"] == pytest.approx(statistics.stdev([1, 2, 6]))

@@ -8,7 +8,8 @@ Public API
         name in DATASETS, split "train" or "val" (CIFAR / MNIST "val" = the official test set).
         Items are raw `(image, label)`: a PIL RGB image (imagefolder) or a uint8 tensor (3, H, W).
     build_loader(dataset, img_size, batch_size, train, ...) -> loader
-        Iterable of (imgs, labels) with len() and set_epoch(epoch); call set_epoch every epoch.
+        Iterable of (imgs, labels) with len() and set_epoch(epoch, start_batch=0); call set_epoch
+        every epoch. start_batch > 0 resumes mid-epoch: the earlier batches are not loaded at all.
         train=True: shuffled, drop_last, RandomResizedCrop (+ optional flip); train=False: fixed
         order, resize shorter side + center crop. on_device=True keeps an in-memory set on the device
         and crops whole batches there (DeviceLoader, batches already on `device`); otherwise a
@@ -28,9 +29,11 @@ so batches do not depend on num_workers, on which worker loads a sample, or on r
 Shuffling and DDP sharding come from DistributedSampler(seed, epoch) in both loader kinds.
 """
 import gzip
+import itertools
 import math
 import os
 import pickle
+import signal
 import struct
 import warnings
 
@@ -476,17 +479,31 @@ class TransformedDataset(Dataset):
 
 
 class _KeySampler(DistributedSampler):
-    """DistributedSampler (seeded shuffle, rank shards) that also hands its epoch to the dataset."""
+    """DistributedSampler (seeded shuffle, rank shards) that also hands its epoch to the dataset.
+    It yields this rank's shard from position `start` on: a run resumed mid-epoch skips by index,
+    so the samples before it are never loaded (len() stays the full shard)."""
+
+    start = 0
 
     def __iter__(self):
-        return ((i, self.epoch) for i in super().__iter__())
+        return ((i, self.epoch) for i in itertools.islice(super().__iter__(), self.start, None))
+
+
+def _worker_init(worker_id):
+    """DataLoader workers leave SIGTERM / SIGINT / SIGUSR1 to the main process. Schedulers (timeout,
+    SLURM) signal the whole process group; a worker killed by it would crash the main process before
+    it writes its checkpoint. The main process ends its workers itself (and they exit if it dies)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Loader(DataLoader):
-    """DataLoader with set_epoch(epoch), the same call as DeviceLoader."""
+    """DataLoader with set_epoch(epoch, start_batch), the same call as DeviceLoader."""
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """The next pass is epoch `epoch`, from batch `start_batch` on (the ones before are not loaded)."""
         self.sampler.set_epoch(epoch)
+        self.sampler.start = start_batch * self.batch_size
 
 
 class DeviceLoader:
@@ -507,9 +524,12 @@ class DeviceLoader:
         self.crop_scale, self.flip, self.crop_frac = crop_scale, flip, crop_frac
         self.sampler = DistributedSampler(range(len(labels)), world_size, rank, shuffle=train,
                                           seed=seed, drop_last=train)
+        self.start_batch = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """The next pass is epoch `epoch`, from batch `start_batch` on (the ones before are not made)."""
         self.sampler.set_epoch(epoch)
+        self.start_batch = start_batch
 
     def __len__(self):
         n, b = len(self.sampler), self.batch_size
@@ -527,6 +547,8 @@ class DeviceLoader:
                 flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
             else:
                 boxes, flips = np.tile(center_box(H, W, self.crop_frac), (n, 1)), np.zeros(n, bool)
+            if b < self.start_batch:  # resumed mid-epoch: the crops were drawn (later ones stay the same)
+                continue
             yield crop_resize(self.images[idx], boxes, flips, self.img_size), self.labels[idx]
 
 
@@ -560,6 +582,7 @@ def build_loader(dataset, img_size, batch_size, train, *, num_workers=0, rank=0,
     sampler = _KeySampler(keyed, world_size, rank, shuffle=train, seed=seed, drop_last=train)
     return Loader(keyed, batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
                   pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+                  worker_init_fn=_worker_init,
                   # torch seeds random / numpy / torch in each worker from this generator, so
                   # any other randomness in user code is reproducible too
                   generator=torch.Generator().manual_seed(seed))

@@ -155,6 +155,26 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     assert ckpt["step"] == 3 and ckpt["config"]["model"] == "micro"
 
 
+def test_rng_restore_per_rank_and_on_another_process_count(capsys):
+    """Checkpoints hold one random state per rank. An older checkpoint's single dict is rank 0's, so
+    it restores exactly in one process; states of another number of processes cannot continue, so
+    the run reseeds from (seed, step, rank) and says so."""
+    g = torch.Generator().manual_seed(1)
+    state = train.rng_state(g)
+    ref = torch.rand(3, generator=g)
+    for saved in (state, [state]):  # the old format and the per-rank list
+        g2 = torch.Generator()
+        train.restore_rng(saved, g2, step=5, seed=0)
+        assert torch.equal(torch.rand(3, generator=g2), ref)
+    g3, g4 = torch.Generator(), torch.Generator()
+    train.restore_rng([state, state], g3, step=5, seed=0)  # written by 2 processes, resumed by 1
+    assert "random state of 2 process(es), this run has 1" in capsys.readouterr().out
+    train.restore_rng([state, state], g4, step=5, seed=0)
+    fresh = torch.rand(3, generator=g3)
+    assert torch.equal(fresh, torch.rand(3, generator=g4)) and not torch.equal(fresh, ref)
+    torch.manual_seed(0)  # leave the global stream as other tests expect it
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_is_not_overwritten(tmp_path):
     out = tmp_path / "bad"
     out.mkdir()
@@ -395,14 +415,18 @@ def launch(script, out, argv, nproc=2, timeout=300, **hooks):
         if nproc > 1:
             env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        with open(os.path.join(out, f"rank{r}.log"), "w") as log:  # a file: a full pipe cannot block a rank
+            procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(out)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
     try:
-        results = [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
+            p.wait()
         pytest.fail(f"ranks did not all exit within {timeout} s (a rank left alone, the others hang)")
+    results = [(rc, open(os.path.join(out, f"rank{r}.log")).read()) for r, rc in enumerate(codes)]
     records = []
     for r in range(nproc):
         path = os.path.join(out, f"hook_rank{r}.json")
@@ -523,8 +547,7 @@ def test_sigterm_to_the_process_group_with_workers_still_checkpoints(hooked, tmp
             proc.kill()
     assert proc.returncode == 0 and "preempted: checkpoint at step 3" in text, text
     assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
-    env.pop("GROUP_TERM_AT")
-    subprocess.run(argv, env=env, check=True, timeout=300, capture_output=True)
+    assert train.main(DDP_TINY + ["--num-workers", "2", "--out-dir", str(out)]) == 6  # the rerun resumes
     ref, _, _ = run(tmp_path, "--stop-at-step", "6", name="uninterrupted")
     assert_same_weights(ref, out)
 

@@ -8,7 +8,8 @@ Public API
         name in DATASETS, split "train" or "val" (CIFAR / MNIST "val" = the official test set).
         Items are raw `(image, label)`: a PIL RGB image (imagefolder) or a uint8 tensor (3, H, W).
     build_loader(dataset, img_size, batch_size, train, ...) -> loader
-        Iterable of (imgs, labels) with len() and set_epoch(epoch); call set_epoch every epoch.
+        Iterable of (imgs, labels) with len() and set_epoch(epoch, start_batch=0); call set_epoch
+        every epoch. start_batch > 0 resumes mid-epoch: the earlier batches are not loaded at all.
         train=True: shuffled, drop_last, RandomResizedCrop (+ optional flip); train=False: fixed
         order, resize shorter side + center crop. on_device=True keeps an in-memory set on the device
         and crops whole batches there (DeviceLoader, batches already on `device`); otherwise a
@@ -27,10 +28,14 @@ Determinism: a sample's augmentation is drawn from a numpy Generator seeded by (
 so batches do not depend on num_workers, on which worker loads a sample, or on resuming mid-run.
 Shuffling and DDP sharding come from DistributedSampler(seed, epoch) in both loader kinds.
 """
+import atexit
 import gzip
+import itertools
 import math
+import multiprocessing
 import os
 import pickle
+import signal
 import struct
 import warnings
 
@@ -490,17 +495,42 @@ class TransformedDataset(Dataset):
 
 
 class _KeySampler(DistributedSampler):
-    """DistributedSampler (seeded shuffle, rank shards) that also hands its epoch to the dataset."""
+    """DistributedSampler (seeded shuffle, rank shards) that also hands its epoch to the dataset.
+    It yields this rank's shard from position `start` on: a run resumed mid-epoch skips by index,
+    so the samples before it are never loaded (len() stays the full shard)."""
+
+    start = 0
 
     def __iter__(self):
-        return ((i, self.epoch) for i in super().__iter__())
+        return ((i, self.epoch) for i in itertools.islice(super().__iter__(), self.start, None))
+
+
+def _worker_init(worker_id):
+    """DataLoader workers leave SIGTERM / SIGINT / SIGUSR1 to the main process. Schedulers (timeout,
+    SLURM) signal the whole process group; a worker killed by it would crash the main process before
+    it writes its checkpoint. The main process ends its workers itself (and they exit if it dies)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit():
+    """The other half of _worker_init. When the main process exits while a loader is still alive
+    (an error mid-epoch keeps it referenced from the traceback), multiprocessing's own exit hook
+    sends its daemonic children SIGTERM and joins them: workers that ignore SIGTERM would make that
+    join wait forever. At exit nobody needs a worker any more, so SIGKILL them first."""
+    for p in multiprocessing.active_children():
+        if p.daemon:  # DataLoader workers are daemonic; this program starts no other daemons
+            p.kill()
+            p.join(5)
 
 
 class Loader(DataLoader):
-    """DataLoader with set_epoch(epoch), the same call as DeviceLoader."""
+    """DataLoader with set_epoch(epoch, start_batch), the same call as DeviceLoader."""
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """The next pass is epoch `epoch`, from batch `start_batch` on (the ones before are not loaded)."""
         self.sampler.set_epoch(epoch)
+        self.sampler.start = start_batch * self.batch_size
 
 
 class DeviceLoader:
@@ -521,9 +551,12 @@ class DeviceLoader:
         self.crop_scale, self.flip, self.crop_frac = crop_scale, flip, crop_frac
         self.sampler = DistributedSampler(range(len(labels)), world_size, rank, shuffle=train,
                                           seed=seed, drop_last=train)
+        self.start_batch = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """The next pass is epoch `epoch`, from batch `start_batch` on (the ones before are not made)."""
         self.sampler.set_epoch(epoch)
+        self.start_batch = start_batch
 
     def __len__(self):
         n, b = len(self.sampler), self.batch_size
@@ -541,6 +574,8 @@ class DeviceLoader:
                 flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
             else:
                 boxes, flips = np.tile(center_box(H, W, self.crop_frac), (n, 1)), np.zeros(n, bool)
+            if b < self.start_batch:  # resumed mid-epoch: the crops were drawn (later ones stay the same)
+                continue
             yield crop_resize(self.images[idx], boxes, flips, self.img_size), self.labels[idx]
 
 
@@ -572,8 +607,12 @@ def build_loader(dataset, img_size, batch_size, train, *, num_workers=0, rank=0,
                             crop_scale=crop_scale, flip=flip, crop_frac=crop_frac)
     keyed = TransformedDataset(dataset, Transform(img_size, train, crop_scale, flip, crop_frac), seed)
     sampler = _KeySampler(keyed, world_size, rank, shuffle=train, seed=seed, drop_last=train)
+    if num_workers > 0:  # registered after multiprocessing's own exit hook, so it runs before it
+        atexit.unregister(_kill_workers_at_exit)
+        atexit.register(_kill_workers_at_exit)
     return Loader(keyed, batch_size, sampler=sampler, num_workers=num_workers, drop_last=train,
                   pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+                  worker_init_fn=_worker_init,
                   # torch seeds random / numpy / torch in each worker from this generator, so
                   # any other randomness in user code is reproducible too
                   generator=torch.Generator().manual_seed(seed))

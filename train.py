@@ -177,7 +177,7 @@ def get_args_parser():
                    help="autocast dtype: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile encoder and predictor (default: on for CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: the networks from it on every rank; plans from seed + rank")
     g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
                    "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")
     g.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUT_DIR/checkpoint.pt if present)")
@@ -429,16 +429,29 @@ def train_step(models, images, lam, args, generator, autocast):
 CKPT_KEYS = ("encoder", "predictor", "target_encoder", "optimizer", "step", "config")
 
 
+def rng_state(generator):
+    """This process's random streams: torch / numpy / python / CUDA and the plan generator."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "plan": generator.get_state()}
+
+
 def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
+    """Every process calls this (each rank's random streams are gathered); rank 0 writes the file.
+    "rng" is a list indexed by rank: every rank draws its own plans and resumes its own stream."""
+    rank, world = dist_info()
+    rngs = [rng_state(generator)]
+    if world > 1:
+        rngs = [None] * world if rank == 0 else None
+        dist.gather_object(rng_state(generator), rngs, dst=0)
+    if rank != 0:
+        return
     encoder, predictor, target_encoder = models
     state = {
         "encoder": encoder.state_dict(), "predictor": predictor.state_dict(),
         "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step, "config": vars(args),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "plan": generator.get_state()},
+        "step": step, "config": vars(args), "rng": rngs,
     }
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -483,14 +496,35 @@ def restore(ckpt, path, models, optimizer, scaler, generator):
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
+    restore_rng(ckpt["rng"], generator, ckpt["step"], ckpt["config"].get("seed", 0))
+    return ckpt["step"]
+
+
+def restore_rng(rngs, generator, step, seed):
+    """Each rank takes back its own random streams from a checkpoint's "rng" (a list indexed by rank;
+    checkpoints from before per-rank states hold one dict, rank 0's).
+
+    Resumed on another number of processes, the old streams cannot continue (the data shards change
+    too, so the run is no longer the uninterrupted one): every rank then starts fresh streams from
+    (seed, step, rank), so ranks still draw different plans and none repeats the plans of step 0."""
+    rank, world = dist_info()
+    states = rngs if isinstance(rngs, list) else [rngs]
+    if len(states) != world:
+        if rank == 0:
+            print(f"warning: the checkpoint holds the random state of {len(states)} process(es), this run has "
+                  f"{world}; every process starts a fresh stream from (seed, step, rank). Training continues "
+                  f"correctly but does not repeat what an uninterrupted run would have drawn.")
+        fresh = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+        torch.manual_seed(fresh), np.random.seed(fresh), random.seed(fresh)
+        generator.manual_seed(fresh)
+        return
+    rng = states[rank]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     generator.set_state(rng["plan"])
-    return ckpt["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,6 +541,13 @@ def setup_distributed():
         torch.cuda.set_device(local)
     dist.init_process_group(backend)
     return rank, world, local
+
+
+def dist_info():
+    """(rank, world size) of this process; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def pick_device(args, local_rank):
@@ -550,7 +591,8 @@ def wrap_for_speed(models, args, world, device):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; the loop checkpoints and exits cleanly."""
+    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; all ranks agree on it at the end of the step
+    (agree_to_stop), write a checkpoint and exit cleanly. DataLoader workers ignore these (data.py)."""
 
     def __init__(self):
         self.requested = False
@@ -559,6 +601,21 @@ class Preemption:
 
     def _handler(self, signum, frame):
         self.requested = True
+
+
+def agree_to_stop(stop, diverged, device):
+    """Combine every rank's "a stop signal arrived" and "my loss is not finite" with one small
+    all-reduce (MAX), so that all ranks stop at the same step. A rank that left on its own would leave
+    the others waiting forever in the next gradient all-reduce, and no checkpoint would be written.
+    Returns (stop, diverged) as seen by all ranks; no communication in a single process."""
+    _, world = dist_info()
+    if world == 1:
+        return stop, diverged
+    flags = torch.tensor([float(stop), float(diverged)],  # (2,), NCCL reduces CUDA tensors, gloo CPU ones
+                         device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop, diverged = flags.tolist()
+    return stop > 0, diverged > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,8 +627,6 @@ def main(argv=None):
     rank, world, local_rank = setup_distributed()
     master = rank == 0
     device = pick_device(args, local_rank)
-    seed = args.seed + rank  # different crops / plans per process, reproducible per process
-    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
     autocast, scaler = make_autocast(args, device)
     if args.compile is None:
         args.compile = device.type == "cuda"
@@ -603,12 +658,18 @@ def main(argv=None):
     total = args.epochs * steps_per_epoch
     warmup = round(args.warmup_epochs * steps_per_epoch)
 
-    # --- models, optimizer, plan generator
+    # --- models, optimizer, plan generator. Every rank builds the same three networks from --seed:
+    # DDP broadcasts the encoder and predictor from rank 0, but nothing broadcasts the EMA target encoder.
+    torch.manual_seed(args.seed)
     models = build_models(args)
     for m in models:
         m.to(device)
     encoder, predictor, target_encoder = models
     optimizer = make_optimizer(encoder, predictor, args)
+    # What must differ per process comes from seed + rank: the plans (and any numpy / python draws).
+    # The data shards and crops differ by rank through the sampler, keyed by --seed (data.py).
+    seed = args.seed + rank
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)  # drives masking.py only
 
     # --- resume (the checkpoint was read and checked above)
@@ -636,11 +697,11 @@ def main(argv=None):
     bar = tqdm(total=stop_at, initial=step, disable=not master, dynamic_ncols=True)
     epoch, skip = divmod(step, steps_per_epoch)
     t_last = time.perf_counter()
-    while step < stop_at and not preempt.requested:
-        loader.set_epoch(epoch)
+    stop = False  # agreed by all ranks every step (agree_to_stop), never a rank-local decision
+    while step < stop_at and not stop:
+        # resumed mid-epoch: the same order, the sampler starts after what was seen (nothing is re-read)
+        loader.set_epoch(epoch, start_batch=skip * args.accum_steps)
         batches = iter(loader)
-        for _ in range(skip * args.accum_steps):  # resumed mid-epoch: same order, skip what was seen
-            next(batches)
         skip = 0
         for _ in range(steps_per_epoch - step % steps_per_epoch):
             # --- 6. schedules for this step, then accumulate gradients over micro-batches
@@ -662,9 +723,6 @@ def main(argv=None):
                     loss = loss / args.accum_steps
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.item()  # one host sync per micro-step (the plan already needs one)
-            if not math.isfinite(loss_sum):
-                fail(f"loss is {loss_sum} at step {step}; stopping without writing a checkpoint "
-                     f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
             if scaler:
                 scaler.unscale_(optimizer)
             if args.clip_grad > 0:
@@ -677,6 +735,13 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             # --- 7. EMA update of the target encoder
             ema_update(target_encoder, encoder, sched["ema"])
+            # --- every rank agrees to go on, stop (signal), or give up (non-finite loss anywhere; a
+            # NaN on one rank reached every rank's weights through the gradient all-reduce anyway)
+            stop, diverged = agree_to_stop(preempt.requested, not math.isfinite(loss_sum), device)
+            if diverged:
+                what = loss_sum if not math.isfinite(loss_sum) else "not finite on another process"
+                fail(f"loss is {what} at step {step}; stopping without writing a checkpoint "
+                         f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
             step += 1
 
             # --- logging, checkpoints, preemption
@@ -692,14 +757,15 @@ def main(argv=None):
                     row.update({k: float(v) for k, v in stats.items()})
                     log.write(json.dumps(row) + "\n")
                     log.flush()
-            if master and (step % args.ckpt_every == 0 or step == stop_at or preempt.requested):
-                # only finite, bounded weights after a finite loss (checked above) become "good"
+            if step % args.ckpt_every == 0 or step == stop_at or stop:  # every rank: gathers the RNG states
+                # only finite, bounded weights after a finite loss (agreed above) become "good"; DDP keeps
+                # the weights identical on every rank, so every rank reaches the same verdict and exits
                 ok, why = weights_are_sane(models)
                 if not ok:
                     fail(f"step {step}: {why}; the run diverged, so no checkpoint is written (the last good "
                          f"one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
                 save_checkpoint(ckpt_path, models, optimizer, scaler, step, args, generator)
-            if step >= stop_at or preempt.requested:
+            if step >= stop_at or stop:
                 break
         if step % steps_per_epoch == 0:
             epoch += 1
@@ -708,7 +774,7 @@ def main(argv=None):
     bar.close()
     if master and data.unreadable_images():  # each was named once when first met
         print(f"{data.unreadable_images()} unreadable images were skipped (replaced by their neighbours)")
-    if preempt.requested:
+    if stop:
         if master:
             print(f"preempted: checkpoint at step {step} in {ckpt_path}; rerun the same command to resume")
     elif step >= total:

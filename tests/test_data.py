@@ -276,6 +276,39 @@ def test_two_ranks_see_disjoint_indices_covering_the_set(on_device, train):
     assert sorted(seen[0] + seen[1]) == list(range(24))
 
 
+class CountingSet(torch.utils.data.Dataset):
+    """An array set without tensors() (so the DataLoader path) that records every index it reads."""
+
+    def __init__(self, base):
+        self.base, self.read = base, []
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.base[i]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_mid_epoch_start_skips_by_index_without_reading_the_skipped(on_device):
+    """A run resumed mid-epoch asks for set_epoch(e, start_batch=k): it gets exactly batches k.. of
+    the full epoch (same samples, same crops), and the skipped samples are never read (no decoding)."""
+    ds = tiny_array_set(48) if on_device else CountingSet(tiny_array_set(48))
+    loader = data.build_loader(ds, 8, 4, train=True, rank=1, world_size=2, seed=5, on_device=on_device)
+    loader.set_epoch(3)
+    full = [(x.clone(), y.clone()) for x, y in loader]  # 6 batches of this rank's 24-sample shard
+    read_before = len(getattr(ds, "read", []))
+    loader.set_epoch(3, start_batch=4)
+    rest = [(x.clone(), y.clone()) for x, y in loader]
+    assert len(full) == 6 and len(rest) == 2 and len(loader) == 6  # len() stays one whole epoch
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(full[4:], rest))
+    if not on_device:  # labels name the samples: only the last two batches were read
+        assert sorted(ds.read[read_before:]) == sorted(torch.cat([y for _, y in full[4:]]).tolist())
+    loader.set_epoch(4)  # the next epoch starts from its first batch again
+    assert len(list(loader)) == 6
+
+
 def test_device_loader_batches_and_eval_equals_cpu_path():
     ds, _ = data.build_dataset("synthetic", img_size=32, synthetic_size=20)
     dl = data.build_loader(ds, 32, 8, train=True, on_device=True, flip=True, seed=1)

@@ -3,10 +3,13 @@
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -150,6 +153,26 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
     assert step == 3
     ckpt = train.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ckpt["step"] == 3 and ckpt["config"]["model"] == "micro"
+
+
+def test_rng_restore_per_rank_and_on_another_process_count(capsys):
+    """Checkpoints hold one random state per rank. An older checkpoint's single dict is rank 0's, so
+    it restores exactly in one process; states of another number of processes cannot continue, so
+    the run reseeds from (seed, step, rank) and says so."""
+    g = torch.Generator().manual_seed(1)
+    state = train.rng_state(g)
+    ref = torch.rand(3, generator=g)
+    for saved in (state, [state]):  # the old format and the per-rank list
+        g2 = torch.Generator()
+        train.restore_rng(saved, g2, step=5, seed=0)
+        assert torch.equal(torch.rand(3, generator=g2), ref)
+    g3, g4 = torch.Generator(), torch.Generator()
+    train.restore_rng([state, state], g3, step=5, seed=0)  # written by 2 processes, resumed by 1
+    assert "random state of 2 process(es), this run has 1" in capsys.readouterr().out
+    train.restore_rng([state, state], g4, step=5, seed=0)
+    fresh = torch.rand(3, generator=g3)
+    assert torch.equal(fresh, torch.rand(3, generator=g4)) and not torch.equal(fresh, ref)
+    torch.manual_seed(0)  # leave the global stream as other tests expect it
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_is_not_overwritten(tmp_path):
@@ -300,3 +323,256 @@ def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
     args = train.parse_args(TINY)
     enc, pred, _ = train.build_models(args)
     assert set(ckpt["encoder"]) == set(enc.state_dict()) and set(ckpt["predictor"]) == set(pred.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process runs that must stay one run: identical networks on every rank, each rank's own
+# random stream across a resume, stop decisions agreed by all ranks, a group-wide SIGTERM with
+# DataLoader workers, and a mid-epoch resume that skips by sampler index.
+
+# train.main under test hooks (monkeypatches, nothing in train.py knows about them). Environment:
+#   HOOK_OUT     folder for hook_rank{R}.json: network digests after build and at the end, and a
+#                digest of the plan generator's state at every step (the masks a rank draws next)
+#   SIGTERM_AT   "R:N"  rank R sends itself SIGTERM after its N-th step
+#   GROUP_TERM_AT N     after step N: write HOOK_OUT/ready, then wait until SIGTERM arrives (the test
+#                       sends it to the whole process group)
+#   NAN_AT       "R:N"  rank R's N-th loss is NaN
+HOOKED_MAIN = textwrap.dedent("""
+    import hashlib, json, os, signal, sys, time
+    sys.path.insert(0, {root!r})
+    import train
+
+    env = os.environ.get
+    rank, out = int(env("RANK", "0")), env("HOOK_OUT")
+    record, held, calls = {{"plan_rng": []}}, [], {{"ema": 0, "loss": 0}}
+
+    def digest(models):
+        return [hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes()
+                                        for t in m.state_dict().values())).hexdigest() for m in models]
+
+    def at(spec):  # "R:N" -> N on rank R, else None
+        if spec and int(spec.split(":")[0]) == rank:
+            return int(spec.split(":")[1])
+
+    real_build, real_plan, real_ema, real_loss = train.build_models, train.make_plan, train.ema_update, train.jepa_loss
+    real_handler = train.Preemption._handler
+    got_signal = []
+
+    def build_models(args):
+        held[:] = real_build(args)
+        record["build"] = digest(held)
+        return held
+
+    def make_plan(regions, lam, generator, *a, **k):
+        record["plan_rng"].append(hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest())
+        return real_plan(regions, lam, generator, *a, **k)
+
+    def ema_update(*a):
+        real_ema(*a)
+        calls["ema"] += 1
+        if at(env("SIGTERM_AT")) == calls["ema"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if env("GROUP_TERM_AT") and int(env("GROUP_TERM_AT")) == calls["ema"]:
+            open(os.path.join(out, "ready"), "w").close()
+            while not got_signal:
+                time.sleep(0.01)
+            time.sleep(0.5)  # a DataLoader worker killed by the signal would be noticed here, as mid-step
+
+    def jepa_loss(*a):
+        calls["loss"] += 1
+        loss = real_loss(*a)
+        return loss * float("nan") if at(env("NAN_AT")) == calls["loss"] else loss
+
+    def handler(self, signum, frame):
+        got_signal.append(signum)
+        real_handler(self, signum, frame)
+
+    train.build_models, train.make_plan, train.ema_update, train.jepa_loss = build_models, make_plan, ema_update, jepa_loss
+    train.Preemption._handler = handler
+    try:
+        record["step"] = train.main(sys.argv[1:])
+        record["end"] = digest(held)
+    finally:
+        with open(os.path.join(out, f"hook_rank{{rank}}.json"), "w") as f:
+            json.dump(record, f)
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, out, argv, nproc=2, timeout=300, **hooks):
+    """Start `nproc` ranks of HOOKED_MAIN (what torchrun would do: RANK / WORLD_SIZE / MASTER_* in
+    the environment, gloo on the CPU) and wait for all. A hang fails the test after `timeout` s.
+    Returns [(returncode, output)] per rank and the per-rank hook records."""
+    os.makedirs(out, exist_ok=True)
+    port = free_port()
+    procs = []
+    for r in range(nproc):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_OUT": str(out), **hooks}
+        if nproc > 1:
+            env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        with open(os.path.join(out, f"rank{r}.log"), "w") as log:  # a file: a full pipe cannot block a rank
+            procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(out)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        pytest.fail(f"ranks did not all exit within {timeout} s (a rank left alone, the others hang)")
+    results = [(rc, open(os.path.join(out, f"rank{r}.log")).read()) for r, rc in enumerate(codes)]
+    records = []
+    for r in range(nproc):
+        path = os.path.join(out, f"hook_rank{r}.json")
+        records.append(json.load(open(path)) if os.path.exists(path) else None)
+    return results, records
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+
+
+def assert_same_weights(out_a, out_b):
+    a, b = weights(out_a), weights(out_b)
+    assert a["step"] == b["step"]
+    for key in ("encoder", "predictor", "target_encoder"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+DDP_TINY = TINY + ["--stop-at-step", "6"]  # 20 steps in the schedules (10 per epoch), stop at 6
+
+
+@pytest.fixture(scope="module")
+def hooked(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hooks") / "hooked_main.py"
+    path.write_text(HOOKED_MAIN.format(root=ROOT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(hooked, tmp_path_factory):
+    """An uninterrupted 2-process run to step 6: (out dir, per-rank hook records)."""
+    out = tmp_path_factory.mktemp("ddp") / "reference"
+    results, records = launch(hooked, out, DDP_TINY)
+    assert all(rc == 0 for rc, _ in results), results
+    return out, records
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_networks_but_draw_their_own_plans(ddp_reference):
+    """Every rank builds encoder, predictor AND target encoder from --seed (DDP broadcasts only the
+    first two), so after build and after 6 steps the three networks are bit-identical across ranks,
+    while each rank's plan generator (seed + rank) differs."""
+    _, (r0, r1) = ddp_reference
+    assert r0["build"] == r1["build"], "networks differ across ranks after build"
+    assert r0["end"] == r1["end"], "networks differ across ranks after 6 steps"
+    assert r0["build"] != r0["end"]  # they trained
+    assert len(r0["plan_rng"]) == 6 and all(a != b for a, b in zip(r0["plan_rng"], r1["plan_rng"]))
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_bit_for_bit_and_each_rank_resumes_its_own_masks(hooked, ddp_reference, tmp_path):
+    """Every rank's random state is saved; stopped at step 3 and resumed, each rank draws exactly the
+    masks it drew in the uninterrupted run (so ranks still differ) and the weights match bit for bit."""
+    ref, (r0, r1) = ddp_reference
+    out = tmp_path / "resumed"
+    results, _ = launch(hooked, out, TINY + ["--stop-at-step", "3"])
+    assert all(rc == 0 for rc, _ in results), results
+    results, (s0, s1) = launch(hooked, out, DDP_TINY)
+    assert all(rc == 0 for rc, _ in results) and "resumed from" in results[0][1], results
+    assert s0["plan_rng"] == r0["plan_rng"][3:] and s1["plan_rng"] == r1["plan_rng"][3:]
+    assert all(a != b for a, b in zip(s0["plan_rng"], s1["plan_rng"]))
+    assert_same_weights(ref, out)
+    assert losses(out) == losses(ref)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(hooked, ddp_reference, tmp_path):
+    """SIGTERM reaches rank 1 only (after its step 3): all ranks agree to stop at the same step,
+    the checkpoint is written, and the rerun resumes to the uninterrupted run's weights."""
+    ref, _ = ddp_reference
+    out = tmp_path / "preempted"
+    results, records = launch(hooked, out, DDP_TINY, SIGTERM_AT="1:3")
+    assert all(rc == 0 for rc, _ in results), results
+    assert [r["step"] for r in records] == [3, 3] and "preempted: checkpoint at step 3" in results[0][1]
+    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+    results, _ = launch(hooked, out, DDP_TINY)
+    assert all(rc == 0 for rc, _ in results) and "resumed from" in results[0][1], results
+    assert_same_weights(ref, out)
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank_and_keeps_the_checkpoint(hooked, ddp_reference, tmp_path):
+    """A non-finite loss on rank 1 only: every rank stops with the message at the same step and the
+    last good checkpoint keeps its bytes."""
+    ref, _ = ddp_reference
+    out = tmp_path / "diverged"
+    shutil.copytree(ref, out)
+    before = (out / "checkpoint.pt").read_bytes()
+    results, _ = launch(hooked, out, TINY, NAN_AT="1:2")  # resumes at 6; rank 1's 2nd loss = step 7's
+    for rc, text in results:
+        assert rc != 0 and "at step 7; stopping without writing a checkpoint" in text, text
+    assert "loss is nan" in results[1][1] and "loss is not finite on another process" in results[0][1]
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_workers_still_checkpoints(hooked, tmp_path):
+    """`timeout` and SLURM send SIGTERM to every process of the job, DataLoader workers included.
+    The workers leave it to the main process, which checkpoints the last finished step; the rerun
+    then matches an uninterrupted run."""
+    out = tmp_path / "group"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_OUT": str(out), "GROUP_TERM_AT": "3"}
+    argv = [sys.executable, str(hooked), *DDP_TINY, "--num-workers", "2", "--out-dir", str(out)]
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(3000):  # the run reaches step 3 (<= 300 s), then waits for the signal
+            if (out / "ready").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (out / "ready").exists(), proc.communicate()[0]
+        os.killpg(proc.pid, signal.SIGTERM)  # kill -TERM -- -PGID
+        text = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "preempted: checkpoint at step 3" in text, text
+    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+    assert train.main(DDP_TINY + ["--num-workers", "2", "--out-dir", str(out)]) == 6  # the rerun resumes
+    ref, _, _ = run(tmp_path, "--stop-at-step", "6", name="uninterrupted")
+    assert_same_weights(ref, out)
+
+
+def test_mid_epoch_resume_reads_only_unseen_samples(tmp_path, monkeypatch):
+    """Resumed at step 7 of a 10-step epoch, the loader starts at batch 7 by sampler index: the 112
+    samples already seen are not read (decoded) again, and the batches match the uninterrupted run."""
+    import data
+    read = []
+    real_getitem = data.TransformedDataset.__getitem__
+
+    def getitem(self, key):
+        if len(self) == 160:  # the training split (TINY: 160 train, 64 val images)
+            read.append(tuple(key))
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(data.TransformedDataset, "__getitem__", getitem)
+    full, _, rows_full = run(tmp_path, "--stop-at-step", "13", name="full")
+    read_full = read[:]
+    read.clear()
+    run(tmp_path, "--stop-at-step", "7", name="half")
+    read.clear()
+    half, step, rows_rest = run(tmp_path, "--stop-at-step", "13", name="half")
+    assert step == 13
+    assert read == read_full[7 * 16:]  # (index, epoch) keys: exactly the unseen ones, in order
+    assert [r["loss"] for r in rows_rest[-6:]] == [r["loss"] for r in rows_full[7:]]
+    assert_same_weights(full, half)

@@ -569,9 +569,38 @@ def build_loader(dataset, img_size, batch_size, train, *, num_workers=0, rank=0,
 # Entry points for train.py / evaluate.py (read the shared argparse config)
 # ---------------------------------------------------------------------------------------------
 
+def usable_cpus():
+    """CPUs this process may run on: the affinity mask (taskset, SLURM, containers) where the OS
+    has one, else the machine's count; divided among the processes torchrun starts on this node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def default_num_workers(device, cpus=None):
+    """--num-workers when not given: loader processes that fit the CPUs of this process.
+
+    CUDA: the GPU does the model, so every CPU but one (the main process) decodes images, at most
+    16. CPU: the model needs the cores; small in-memory sets crop fast in the main process, so no
+    workers up to 4 CPUs, then a quarter of them (at most 4). Never more than the CPUs: more workers
+    than cores only time-slice (on 2 cores, 4 workers + 2 torch threads made the demo 8x slower)."""
+    cpus = cpus or usable_cpus()
+    if torch.device(device).type == "cuda":
+        return max(1, min(16, cpus - 1))
+    return 0 if cpus <= 4 else min(4, cpus // 4)
+
+
+def default_num_threads(num_workers, cpus=None):
+    """torch intra-op threads of the main process: the CPUs the loader workers leave free."""
+    return max(1, (cpus or usable_cpus()) - num_workers)
+
+
 def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     """Dataset + loader from the config fields dataset, data_path, subset_file, img_size,
-    crop_scale, num_train / num_val (synthetic), num_workers, device_data (auto|on|off), seed."""
+    crop_scale, num_train / num_val (synthetic), num_workers (None: default_num_workers),
+    device_data (auto|on|off), seed."""
     ds, num_classes = build_dataset(args.dataset, args.data_path, split, args.img_size,
                                     subset_file=getattr(args, "subset_file", None),
                                     synthetic_size=args.num_train if split == "train" else args.num_val,
@@ -580,7 +609,8 @@ def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     on_device = mode == "on" or (mode == "auto" and hasattr(ds, "tensors")
                                  and torch.device(device).type == "cuda")
     # args.seed, not seed + rank: every rank must draw the same shuffle for the shards to be disjoint
-    loader = build_loader(ds, args.img_size, batch_size, train, num_workers=args.num_workers,
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
+    loader = build_loader(ds, args.img_size, batch_size, train, num_workers=workers,
                           rank=rank, world_size=world_size, seed=args.seed, device=device,
                           on_device=on_device, crop_scale=tuple(args.crop_scale), **kw)
     loader.source, loader.num_classes = ds, num_classes  # class_to_idx / n_bad / object_mask live here

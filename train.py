@@ -81,7 +81,10 @@ def get_args_parser():
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.3, 1.0), help="RandomResizedCrop scale range (paper: 0.3 1.0)")
     g.add_argument("--num-train", type=int, default=10000, help="synthetic only: number of training images")
     g.add_argument("--num-val", type=int, default=2000, help="synthetic only: number of held-out images")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers per process (default: from the CPUs this process may use; "
+                        "CUDA: all but one, at most 16; CPU: none up to 4 CPUs). torch's CPU threads are "
+                        "then the CPUs left over, unless OMP_NUM_THREADS is set")
     g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                    help="keep small datasets as uint8 on the device and crop batches there (auto: on for CUDA)")
     g = p.add_argument_group("model")
@@ -123,7 +126,8 @@ def get_args_parser():
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="autocast dtype: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile encoder and predictor (default: on for CUDA)")
+                   help="torch.compile encoder and predictor (default: on for CUDA); plans are then padded to 4 sizes per "
+                        "octave (masking.pad_width) so a run compiles a handful of graphs")
     g.add_argument("--seed", type=int, default=0, help="random seed (offset by rank)")
     g.add_argument("--out-dir", default="out", help="checkpoints, metrics.jsonl, config.json and pictures go here")
     g.add_argument("--resume", default=None, help="checkpoint to resume from (default: OUT_DIR/checkpoint.pt if present)")
@@ -240,6 +244,7 @@ def make_plan(regions, lam, generator, grid, args, batch_size, device):
                              mode=args.dseq_pass, order=args.region_order, prediction=args.prediction,
                              source=args.region_source, per_batch_coin=args.lambda_coin == "batch",
                              num_regions=args.regions, n_targets=args.num_targets,
+                             geometric=bool(args.compile),  # few shapes -> few compiled graphs
                              target_scale=tuple(args.target_scale), context_scale=tuple(args.context_scale))
 
 
@@ -251,8 +256,9 @@ def jepa_loss(encoder, predictor, images, targets, plan):
     """
     # One row per image (R = B) means sample = arange(B): skip the copy. Replicate rows repeat images.
     x = images if plan.sample.shape[0] == images.shape[0] else images[plan.sample]  # (R, 3, H, W)
-    # 3. context encoder: only the plan's context patches, block-causal over levels
-    ctx = encoder(x, plan.ctx_idx, plan.ctx_lvl)  # (R, Lc, D)
+    # 3. context encoder: only the plan's context patches, block-causal over levels (no mask at
+    # all when every row is one level without padding: the flash-attention fast path on a GPU)
+    ctx = encoder(x, plan.ctx_idx, None if plan.ctx_full else plan.ctx_lvl)  # (R, Lc, D)
     # 4. predictor: one mask token per target position, sees what the level rule allows
     pred = predictor(ctx, plan.ctx_idx, plan.ctx_lvl, plan.tgt_idx, plan.tgt_lvl, plan.tgt_grp)  # (R, Lt, D)
     # 5. loss against the target encoder's features at the target positions
@@ -403,6 +409,15 @@ def wrap_for_speed(models, args, world, device):
     return encoder, predictor, target_encoder
 
 
+def fit_threads(args, device):
+    """Workers + torch threads that fit the CPUs this process may use (data.usable_cpus), so that
+    neither oversubscribes the machine. OMP_NUM_THREADS, when set, wins for the threads."""
+    workers = args.num_workers if args.num_workers is not None else data.default_num_workers(device)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(data.default_num_threads(workers))
+    return workers
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (cluster preemption) set a flag; the loop checkpoints and exits cleanly."""
 
@@ -426,6 +441,7 @@ def main(argv=None):
     device = pick_device(args, local_rank)
     seed = args.seed + rank  # different crops / plans per process, reproducible per process
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+    fit_threads(args, device)
     autocast, scaler = make_autocast(args, device)
     if args.compile is None:
         args.compile = device.type == "cuda"

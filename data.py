@@ -324,14 +324,35 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
+        img, label, _, _ = self.load(i)
+        return img, label
+
+    def load(self, i, decode_size=None):
+        """(PIL RGB image, label, full size, scale) of item i; the next readable file if i is broken.
+
+        decode_size(W, H) -> (w, h), called with the file's full size before decoding: a JPEG is
+        then decoded at the smallest DCT scale (1/2, 1/4, 1/8; PIL's Image.draft) whose image is
+        still >= w x h pixels. Decoding 1/4 of the pixels is most of a small crop's cost.
+        full size = (W, H) of the file; scale = (decoded / full width, decoded / full height) as PIL
+        reports it (a decoded side is rounded up, so it is not always W * scale), (1.0, 1.0) if not reduced.
+        """
         for k in range(50):  # a run of 50 unreadable files means a broken copy, not bad luck
             j = (i + k) % len(self.samples)
             if j in self.bad:
                 continue
             path, label = self.samples[j]
             try:
-                with Image.open(path) as im:
-                    return im.convert("RGB"), label  # convert() decodes: truncation fails here
+                im = Image.open(path)
+                W, H = im.size
+                drafted = None
+                if decode_size is not None and im.format == "JPEG":
+                    drafted = im.draft("RGB", decode_size(W, H))  # (mode, box of the full image) or None
+                im.load()  # decodes (and closes the file): truncation fails here
+                scale = (1.0, 1.0)
+                if im.size != (W, H):  # reduced: the full image spans box in decoded pixels
+                    box = drafted[1] if isinstance(drafted, tuple) else (0, 0, im.size[0], im.size[1])
+                    scale = (box[2] / W, box[3] / H)
+                return (im if im.mode == "RGB" else im.convert("RGB")), label, (W, H), scale
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
                 self.bad.add(j)
                 warnings.warn(f"unreadable image '{path}' ({e}); using the next one instead "
@@ -406,7 +427,7 @@ def normalize(imgs):
     """imgs: (B, 3, S, S) uint8 or float in [0, 255] -> float (B, 3, S, S), ImageNet mean/std."""
     mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1) * 255
-    return (imgs.float() - mean) / std
+    return imgs.to(torch.float32, copy=True).sub_(mean).div_(std)  # one new (B, 3, S, S) tensor, not three
 
 
 class Transform:
@@ -420,18 +441,30 @@ class Transform:
         self.img_size, self.augment, self.crop_scale = img_size, augment, crop_scale
         self.flip, self.crop_frac = flip, crop_frac
 
-    def __call__(self, img, rng):
-        if isinstance(img, torch.Tensor):
-            img = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # (H, W, 3)
-        W, H = img.size
+    def box(self, W, H, rng):
+        """The crop (top, left, h, w) in pixels of a W x H image, and the flip; draws from rng."""
         if self.augment:
             top, left, h, w = (float(v) for v in sample_crop_boxes(rng, 1, H, W, self.crop_scale)[0])
-            flip = self.flip and rng.random() < 0.5
-        else:
-            top, left, h, w = center_box(H, W, self.crop_frac)
-            flip = False
+            return (top, left, h, w), self.flip and rng.random() < 0.5
+        return center_box(H, W, self.crop_frac), False
+
+    def decode_size(self, W, H, box):
+        """Smallest decoded size (w, h) of a W x H image at which its crop `box` is still >= S x S
+        (ImageFolder.load's JPEG draft): the crop is then only ever shrunk, as without draft."""
+        top, left, h, w = box
+        return math.ceil(W * self.img_size / w), math.ceil(H * self.img_size / h)
+
+    def __call__(self, img, rng, crop=None, scale=(1.0, 1.0)):
+        """crop: (box, flip) already drawn (from the full image's size), else drawn here from rng;
+        scale: decoded / full size of a draft-decoded JPEG (ImageFolder.load), which maps the box
+        in full-image pixels onto the decoded image, so the crop shows the same content."""
+        if isinstance(img, torch.Tensor):
+            img = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # (H, W, 3)
+        (top, left, h, w), flip = crop or self.box(*img.size, rng)
+        sx, sy = scale
         S = self.img_size
-        img = img.resize((S, S), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        img = img.resize((S, S), Image.Resampling.BILINEAR,
+                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
@@ -471,8 +504,20 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, key):
         i, epoch = key
-        img, label = self.base[i]
-        return self.transform(img, np.random.default_rng([self.seed, epoch, i])), label
+        rng = lambda: np.random.default_rng([self.seed, epoch, i])  # noqa: E731, a fresh copy per use
+        if not isinstance(self.base, ImageFolder):
+            img, label = self.base[i]
+            return self.transform(img, rng()), label
+        # Files: draw the crop from the header's image size, then decode only what the crop needs.
+        crops = {}  # (W, H) -> (box, flip), per file tried (an unreadable one is replaced by the next)
+
+        def decode_size(W, H):
+            crops[W, H] = self.transform.box(W, H, rng())
+            return self.transform.decode_size(W, H, crops[W, H][0])
+
+        img, label, full, scale = self.base.load(i, decode_size)
+        crop = crops.get(full) or self.transform.box(*full, rng())  # not a JPEG: not drawn yet
+        return self.transform(img, None, crop, scale), label
 
 
 class _KeySampler(DistributedSampler):

@@ -194,3 +194,35 @@ def test_a_training_step_syncs_the_host_once_for_the_plan():
             train.ema_update(models[2], models[0], 0.99)  # 7.
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feeding the GPU: JPEG draft decoding shows the crop's content, only at a reduced decode
+
+
+def test_draft_decoded_crops_show_the_same_content(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[0:384, 0:512] / 64.0  # smooth content: interpolation differences stay small
+    rgb = np.stack([np.sin(xx) , np.cos(yy), np.sin(xx + yy)], -1) * 100 + 128  # (384, 512, 3)
+    Image.fromarray(rgb.astype(np.uint8)).save(folder / "x.JPEG", quality=95)
+    base = data.ImageFolder(str(tmp_path), "train")
+    transform = data.Transform(48, augment=True, crop_scale=(0.5, 1.0), flip=True)
+    keyed = data.TransformedDataset(base, transform, seed=0)
+    fired = 0
+    for epoch in range(6):
+        rng = np.random.default_rng([0, epoch, 0])
+        (top, left, h, w), _ = transform.box(512, 384, np.random.default_rng([0, epoch, 0]))
+        _, _, full, scale = base.load(0, lambda W, H: transform.decode_size(W, H, (top, left, h, w)))
+        fired += scale[0] < 1
+        assert full == (512, 384) and scale[0] * transform.decode_size(512, 384, (top, left, h, w))[0] <= 512
+        drafted = keyed[(0, epoch)][0]  # (3, 48, 48) normalised, decoded at 1/2 .. 1/8
+        img, _ = base[0]  # full decode, then the same crop drawn from the same rng
+        reference = transform(img, rng)
+        assert drafted.shape == reference.shape == (3, 48, 48)
+        # within interpolation tolerance: ~1 % of the normalised range on average, a few % at most
+        assert (drafted - reference).abs().mean() < 0.03 and (drafted - reference).abs().max() < 0.3
+    assert fired >= 3  # the draft decode really ran (crops of >= half the image, shrunk to 48 px)

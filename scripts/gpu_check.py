@@ -6,7 +6,7 @@ One GPU check, one command: everything a single-GPU machine (no internet, a prei
     python scripts/gpu_check.py --dry         # tiny CPU version of every stage (CI runs it)
 
 Stages, each a subprocess with its own time limit (a slow stage is cut off, reported, and the
-next one still runs):
+next one still runs; the limits add up to 7 min 40 s):
   1. tests     the test suite on CUDA: the `cuda`-marked tests and every test not marked slow
   2. bench     bench.py, bf16 + torch.compile, ViT-B/16 at 224 px: step time, img/s, MFU, graphs
                compiled, peak memory for I-JEPA, DSeq causal and DSeq replicate (the "+blobs"
@@ -128,9 +128,9 @@ def main(argv=None):
                    help="Fashion-MNIST IDX files; the pretraining stage runs only if this folder exists")
     p.add_argument("--batch-size", type=int, default=128, help="bench batch size (ViT-B/16, 224 px)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each Fashion-MNIST pretraining run")
-    p.add_argument("--tests-limit", type=int, default=120, help="seconds for the test stage")
-    p.add_argument("--bench-limit", type=int, default=240, help="seconds for the benchmark stage")
-    p.add_argument("--pretrain-limit", type=int, default=75, help="seconds for each pretraining run")
+    p.add_argument("--tests-limit", type=int, default=90, help="seconds for the test stage")
+    p.add_argument("--bench-limit", type=int, default=210, help="seconds for the benchmark stage")
+    p.add_argument("--pretrain-limit", type=int, default=80, help="seconds for each pretraining run")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out or os.path.join(ROOT, "results", "gpu-dry" if args.dry else "gpu"))
     os.makedirs(args.out, exist_ok=True)

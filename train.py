@@ -411,10 +411,11 @@ def wrap_for_speed(models, args, world, device):
 
 def fit_threads(args, device):
     """Workers + torch threads that fit the CPUs this process may use (data.usable_cpus), so that
-    neither oversubscribes the machine. OMP_NUM_THREADS, when set, wins for the threads."""
+    neither oversubscribes the machine; never more threads than torch's own default (the physical
+    cores: hyper-threads slow matrix code down). OMP_NUM_THREADS, when set, wins for the threads."""
     workers = args.num_workers if args.num_workers is not None else data.default_num_workers(device)
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(data.default_num_threads(workers))
+        torch.set_num_threads(min(torch.get_num_threads(), data.default_num_threads(workers)))
     return workers
 
 

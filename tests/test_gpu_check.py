@@ -14,7 +14,7 @@ import gpu_check  # noqa: E402
 @pytest.mark.slow
 def test_gpu_check_dry_mode_runs_every_stage(tmp_path):
     records = gpu_check.main(["--dry", "--out", str(tmp_path)])
-    assert [r["stage"] for r in records] == ["tests", "bench", "pretrain-dseq", "pretrain-ijepa"]
+    assert [r["stage"] for r in records] == ["tests-cuda", "bench", "pretrain-dseq", "pretrain-ijepa"]
     assert all(r["ok"] for r in records), [(r["stage"], r["tail"][-500:]) for r in records if not r["ok"]]
     for r in records:
         assert json.loads((tmp_path / f"{r['stage']}.json").read_text())["ok"]

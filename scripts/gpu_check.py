@@ -32,13 +32,15 @@ PY = sys.executable
 def stages(args):
     """name -> (command, time limit in seconds, output folder of a training run or None)."""
     out = {}
-    if args.dry:  # tiny model, few steps, CPU: checks that every stage runs, not how fast
-        out["tests-cuda"] = ([PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_gpu_ready.py"], 120, None)
+    if args.dry:  # tiny model, few steps, CPU: checks that every stage runs, not how fast (a shared
+        # CPU can be slow, so the dry limits only catch hangs)
+        args.pretrain_limit = 600
+        out["tests-cuda"] = ([PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_gpu_ready.py"], 600, None)
         model = ["--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
                  "--alpha", "0.1", "--device", "cpu"]
         out["bench"] = ([PY, "bench.py", *model, "--batch-size", "4", "--steps", "1", "--warmup", "0", "--no-memory",
                          "--maps", "blobs", "--sal-batch", "8", "--sal-repeats", "1", "--loader-images", "2",
-                         "--json", os.path.join(args.out, "bench_raw.json")], 180, None)
+                         "--json", os.path.join(args.out, "bench_raw.json")], 600, None)
         runs = [*model, "--batch-size", "16", "--epochs", "1", "--num-train", "32", "--num-val", "16",
                 "--num-workers", "0", "--no-picture", "--knn-every", "0", "--warmup-epochs", "0"]
     else:

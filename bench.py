@@ -34,10 +34,14 @@ reports +16 % FLOPs; the official DSeq step costs ~5.8x an I-JEPA step, fault 5 
      target        = embed + depth * block(P + 1, D)                    (no grad: forward only)
      step          = 3 * sum over plan rows (encoder + predictor) + B * target  (fwd + 2x bwd)
    Norms, GELU, softmax, loss, AdamW, EMA are left out (~1 %). MFU (CUDA, or with --peak-tflops)
-   = step FLOPs / median wall time / peak. With torch.compile the graphs compiled during the
-   timed rounds are counted (recompiles; they would pollute the timing).
+   = step FLOPs / median wall time / peak. With torch.compile: graphs compiled in all, during the
+   timed rounds (recompiles; they would pollute the timing), and torch._dynamo's recompile reasons.
+   Plans are then padded to 4 sizes per octave (masking.pad_width), so the count stays small.
 5. Saliency regions for --sal-batch smooth random maps: saliency.regions_from_saliency (batched,
    on the device) vs the per-image OpenCV loop of tests/opencv_reference.py; outputs asserted equal.
+6. Loader: images per second per core (one process, one thread, CPU time) of the ImageFolder
+   training pipeline on generated 500 x 375 JPEGs, against a plain PIL decode + crop-resize +
+   to-tensor loop and against the same pipeline decoding every JPEG in full (no draft).
 Targets: DSeq causal step <= 1.2x the I-JEPA step; batched saliency >= 20x the OpenCV loop.
 All train.py flags work (--model, --img-size, --batch-size, --device, --amp, --compile, ...).
 """
@@ -88,6 +92,8 @@ def get_parser():
     p.add_argument("--sal-repeats", type=int, default=5, help="repeats of each saliency timing")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU "
                    "(default on CUDA with bf16: H100/H200 SXM 989, A100 312 dense bf16)")
+    p.add_argument("--loader-images", type=int, default=64, help="JPEGs (500 x 375, made in a temp folder) "
+                   "for the loader's img/s/core (0 = skip)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--official-cost", action="store_true",
                    help="only the analytic FLOPs of the official DSeq step structure vs an I-JEPA step (no timing)")
@@ -275,6 +281,65 @@ def demo_time(train_argv):
             "machine": machine(torch.device("cpu")), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "wall_s": wall, "wall": f"{int(wall // 60)} min {wall % 60:.0f} s", "peak_rss_gb": rss_kb / 2**20,
             "knn_top1": knn["knn_top1"], "steps": knn["step"]}
+def make_jpegs(root, n, size=(500, 375), seed=0):
+    """n JPEGs (quality 90) of ImageNet's typical 500 x 375 in ROOT/train/c{0,1}/, an ImageFolder
+    tree: smooth random colour fields with a little noise, so they compress like photographs."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        folder = os.path.join(root, "train", f"c{i % 2}")
+        os.makedirs(folder, exist_ok=True)
+        low = torch.rand(1, 3, 6, 8, generator=gen) * 255  # (1, 3, 6, 8) coarse colours
+        img = F.interpolate(low, (size[1], size[0]), mode="bicubic", align_corners=False)[0]  # (3, H, W)
+        img = img + 8 * torch.randn(img.shape, generator=gen)
+        Image.fromarray(img.clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(
+            os.path.join(folder, f"{i:05d}.JPEG"), quality=90)
+
+
+def bench_loader(n, repeats, img_size=224):
+    """Images per second per core of the ImageFolder training pipeline (decode, RandomResizedCrop,
+    resize, to-tensor, normalise; one process, one thread) on n generated 500 x 375 JPEGs, against
+    a plain PIL loop (decode in full, crop-resize, to-tensor) and the pipeline without the JPEG
+    draft decode. Medians over `repeats` passes, run round-robin."""
+    import numpy as np
+    from PIL import Image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        make_jpegs(root, n)
+        base = data.ImageFolder(root, "train")
+        keyed = data.TransformedDataset(base, data.Transform(img_size, True), seed=0)
+
+        def plain():  # what any loader must at least do; the crop box is the pipeline's
+            for i, (path, _) in enumerate(base.samples):
+                with Image.open(path) as im:
+                    img = im.convert("RGB")
+                (top, left, h, w), _ = keyed.transform.box(*img.size, np.random.default_rng([0, 0, i]))
+                img = img.resize((img_size, img_size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+                torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)  # (3, S, S)
+
+        def full_decode():  # the pipeline before the draft decode: decode the whole file, then crop
+            for i in range(n):
+                img, _ = base[i]
+                keyed.transform(img, np.random.default_rng([0, 0, i]))
+
+        def pipeline():  # what the DataLoader workers run
+            for i in range(n):
+                keyed[(i, 0)]
+
+        fns = {"pil_loop": plain, "full_decode": full_decode, "pipeline": pipeline}
+        times = {k: [] for k in fns}
+        for r in range(repeats):
+            for k in list(fns)[r % 3:] + list(fns)[:r % 3]:
+                t = time.process_time()  # CPU time of this process: what a core is busy for
+                fns[k]()
+                times[k].append(time.process_time() - t)
+    torch.set_num_threads(threads)
+    res = {f"{k}_img_s_core": n / statistics.median(v) for k, v in times.items()}
+    res.update(images=n, repeats=repeats, size="500x375", img_size=img_size,
+               pipeline_vs_pil=res["pipeline_img_s_core"] / res["pil_loop_img_s_core"])
+    return res
 
 
 def machine(device):
@@ -382,6 +447,8 @@ def main(argv=None):
         print(f"MFU against {args.peak_tflops:g} TFLOP/s (override with --peak-tflops)")
     if targs.compile:
         info["recompiles_during_timing"] = dynamo["stats"]["unique_graphs"] - graphs_at_warmup
+        info["graphs_compiled"] = dynamo["stats"]["unique_graphs"]
+        info["recompile_reasons"] = sorted({str(k)[:200] for k in dynamo.get("recompiles", {})})
         print(f"torch.compile: {dynamo['stats']['unique_graphs']} graphs compiled, "
               f"{info['recompiles_during_timing']} of them during the timed rounds (should be 0)")
 
@@ -396,6 +463,15 @@ def main(argv=None):
               f"speed-up {sal['speedup']:.1f}x (outputs identical; {100 * sal['share_with_ranked_region']:.0f} % "
               f"of maps have a ranked region)")
 
+    # --- loader: img/s per core of the ImageFolder pipeline on JPEGs
+    loader = bench_loader(args.loader_images, 3) if args.loader_images else {"skipped": "--loader-images 0"}
+    if "skipped" not in loader:
+        print(f"\nloader, {loader['images']} JPEGs 500x375 -> {loader['img_size']} px, one core, median of 3: "
+              f"pipeline {loader['pipeline_img_s_core']:.0f} img/s, without JPEG draft "
+              f"{loader['full_decode_img_s_core']:.0f}, plain PIL loop {loader['pil_loop_img_s_core']:.0f} "
+              f"(pipeline / PIL {loader['pipeline_vs_pil']:.2f}); 1,000 img/s per GPU needs "
+              f"~{1000 / loader['pipeline_img_s_core']:.1f} loader workers")
+
     # --- targets
     checks = {}
     for name in ("causal", "causal+blobs"):
@@ -407,7 +483,7 @@ def main(argv=None):
     result = {**info, "config": {k: getattr(targs, k) for k in ("model", "img_size", "patch_size", "batch_size",
               "pred_dim", "pred_depth", "regions", "alpha", "compile")}, "amp": amp, "steps": args.steps,
               "warmup": warmup, "memory": mem_kind, "peak_tflops": args.peak_tflops, "rows": rows,
-              "saliency": sal, "targets": checks}
+              "saliency": sal, "loader": loader, "targets": checks}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

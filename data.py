@@ -343,14 +343,35 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
+        img, label, _, _ = self.load(i)
+        return img, label
+
+    def load(self, i, decode_size=None):
+        """(PIL RGB image, label, full size, scale) of item i; the next readable file if i is broken.
+
+        decode_size(W, H) -> (w, h), called with the file's full size before decoding: a JPEG is
+        then decoded at the smallest DCT scale (1/2, 1/4, 1/8; PIL's Image.draft) whose image is
+        still >= w x h pixels. Decoding 1/4 of the pixels is most of a small crop's cost.
+        full size = (W, H) of the file; scale = (decoded / full width, decoded / full height) as PIL
+        reports it (a decoded side is rounded up, so it is not always W * scale), (1.0, 1.0) if not reduced.
+        """
         for k in range(50):  # a run of 50 unreadable files means a broken copy, not bad luck
             j = (i + k) % len(self.samples)
             if self.bad_flags[j]:
                 continue
             path, label = self.samples[j]
             try:
-                with Image.open(path) as im:
-                    return im.convert("RGB"), label  # convert() decodes: truncation fails here
+                im = Image.open(path)
+                W, H = im.size
+                drafted = None
+                if decode_size is not None and im.format == "JPEG":
+                    drafted = im.draft("RGB", decode_size(W, H))  # (mode, box of the full image) or None
+                im.load()  # decodes (and closes the file): truncation fails here
+                scale = (1.0, 1.0)
+                if im.size != (W, H):  # reduced: the full image spans box in decoded pixels
+                    box = drafted[1] if isinstance(drafted, tuple) else (0, 0, im.size[0], im.size[1])
+                    scale = (box[2] / W, box[3] / H)
+                return (im if im.mode == "RGB" else im.convert("RGB")), label, (W, H), scale
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
                 self.bad_flags[j] = 1  # seen by every worker from now on
                 warnings.warn(f"unreadable image '{path}' ({e}); using the next one instead "
@@ -425,7 +446,7 @@ def normalize(imgs):
     """imgs: (B, 3, S, S) uint8 or float in [0, 255] -> float (B, 3, S, S), ImageNet mean/std."""
     mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1) * 255
-    return (imgs.float() - mean) / std
+    return imgs.to(torch.float32, copy=True).sub_(mean).div_(std)  # one new (B, 3, S, S) tensor, not three
 
 
 class Transform:
@@ -439,18 +460,30 @@ class Transform:
         self.img_size, self.augment, self.crop_scale = img_size, augment, crop_scale
         self.flip, self.crop_frac = flip, crop_frac
 
-    def __call__(self, img, rng):
-        if isinstance(img, torch.Tensor):
-            img = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # (H, W, 3)
-        W, H = img.size
+    def box(self, W, H, rng):
+        """The crop (top, left, h, w) in pixels of a W x H image, and the flip; draws from rng."""
         if self.augment:
             top, left, h, w = (float(v) for v in sample_crop_boxes(rng, 1, H, W, self.crop_scale)[0])
-            flip = self.flip and rng.random() < 0.5
-        else:
-            top, left, h, w = center_box(H, W, self.crop_frac)
-            flip = False
+            return (top, left, h, w), self.flip and rng.random() < 0.5
+        return center_box(H, W, self.crop_frac), False
+
+    def decode_size(self, W, H, box):
+        """Smallest decoded size (w, h) of a W x H image at which its crop `box` is still >= S x S
+        (ImageFolder.load's JPEG draft): the crop is then only ever shrunk, as without draft."""
+        top, left, h, w = box
+        return math.ceil(W * self.img_size / w), math.ceil(H * self.img_size / h)
+
+    def __call__(self, img, rng, crop=None, scale=(1.0, 1.0)):
+        """crop: (box, flip) already drawn (from the full image's size), else drawn here from rng;
+        scale: decoded / full size of a draft-decoded JPEG (ImageFolder.load), which maps the box
+        in full-image pixels onto the decoded image, so the crop shows the same content."""
+        if isinstance(img, torch.Tensor):
+            img = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # (H, W, 3)
+        (top, left, h, w), flip = crop or self.box(*img.size, rng)
+        sx, sy = scale
         S = self.img_size
-        img = img.resize((S, S), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        img = img.resize((S, S), Image.Resampling.BILINEAR,
+                         box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
@@ -490,8 +523,20 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, key):
         i, epoch = key
-        img, label = self.base[i]
-        return self.transform(img, np.random.default_rng([self.seed, epoch, i])), label
+        rng = lambda: np.random.default_rng([self.seed, epoch, i])  # noqa: E731, a fresh copy per use
+        if not isinstance(self.base, ImageFolder):
+            img, label = self.base[i]
+            return self.transform(img, rng()), label
+        # Files: draw the crop from the header's image size, then decode only what the crop needs.
+        crops = {}  # (W, H) -> (box, flip), per file tried (an unreadable one is replaced by the next)
+
+        def decode_size(W, H):
+            crops[W, H] = self.transform.box(W, H, rng())
+            return self.transform.decode_size(W, H, crops[W, H][0])
+
+        img, label, full, scale = self.base.load(i, decode_size)
+        crop = crops.get(full) or self.transform.box(*full, rng())  # not a JPEG: not drawn yet
+        return self.transform(img, None, crop, scale), label
 
 
 class _KeySampler(DistributedSampler):
@@ -622,9 +667,38 @@ def build_loader(dataset, img_size, batch_size, train, *, num_workers=0, rank=0,
 # Entry points for train.py / evaluate.py (read the shared argparse config)
 # ---------------------------------------------------------------------------------------------
 
+def usable_cpus():
+    """CPUs this process may run on: the affinity mask (taskset, SLURM, containers) where the OS
+    has one, else the machine's count; divided among the processes torchrun starts on this node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def default_num_workers(device, cpus=None):
+    """--num-workers when not given: loader processes that fit the CPUs of this process.
+
+    CUDA: the GPU does the model, so every CPU but one (the main process) decodes images, at most
+    16. CPU: the model needs the cores; small in-memory sets crop fast in the main process, so no
+    workers up to 4 CPUs, then a quarter of them (at most 4). Never more than the CPUs: more workers
+    than cores only time-slice (on 2 cores, 4 workers + 2 torch threads made the demo 8x slower)."""
+    cpus = cpus or usable_cpus()
+    if torch.device(device).type == "cuda":
+        return max(1, min(16, cpus - 1))
+    return 0 if cpus <= 4 else min(4, cpus // 4)
+
+
+def default_num_threads(num_workers, cpus=None):
+    """torch intra-op threads of the main process: the CPUs the loader workers leave free."""
+    return max(1, (cpus or usable_cpus()) - num_workers)
+
+
 def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     """Dataset + loader from the config fields dataset, data_path, subset_file, img_size,
-    crop_scale, num_train / num_val (synthetic), num_workers, device_data (auto|on|off), seed."""
+    crop_scale, num_train / num_val (synthetic), num_workers (None: default_num_workers),
+    device_data (auto|on|off), seed."""
     ds, num_classes = build_dataset(args.dataset, args.data_path, split, args.img_size,
                                     subset_file=getattr(args, "subset_file", None),
                                     synthetic_size=args.num_train if split == "train" else args.num_val,
@@ -633,7 +707,8 @@ def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     on_device = mode == "on" or (mode == "auto" and hasattr(ds, "tensors")
                                  and torch.device(device).type == "cuda")
     # args.seed, not seed + rank: every rank must draw the same shuffle for the shards to be disjoint
-    loader = build_loader(ds, args.img_size, batch_size, train, num_workers=args.num_workers,
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
+    loader = build_loader(ds, args.img_size, batch_size, train, num_workers=workers,
                           rank=rank, world_size=world_size, seed=args.seed, device=device,
                           on_device=on_device, crop_scale=tuple(args.crop_scale), **kw)
     loader.source, loader.num_classes = ds, num_classes  # class_to_idx / n_bad / object_mask live here

@@ -46,7 +46,13 @@ class Plan:
     n_regions (B,)     int64  non-empty regions of the sample (ranked + background), whether or not
                               the lambda coin used them: the region extractor's statistic to log
     Tokens of a row are sorted by level, then group, then patch (raster); padding comes last.
+
+    ctx_full  bool (not a tensor, not a field): every row's context is level 1 with no padding, so
+              the context encoder's mask would be all True and it may run unmasked (model.py's
+              fast path). Known from the plan's one host sync; False where unknown.
     """
+
+    ctx_full = False  # a plain attribute, set by _pack; dataclass fields stay tensors only
 
     sample: torch.Tensor
     ctx_idx: torch.Tensor
@@ -58,7 +64,9 @@ class Plan:
     n_regions: torch.Tensor
 
     def to(self, device):  # e.g. a plan built on the CPU for a CUDA step
-        return Plan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        plan = Plan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        plan.ctx_full = self.ctx_full
+        return plan
 
 
 def _first_tokens(key, count, width):
@@ -71,23 +79,42 @@ def _first_tokens(key, count, width):
     return order, valid
 
 
-def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row_key=None):
+def pad_width(n, multiple, geometric=False):
+    """Padded size of n tokens (or rows): n rounded up to `multiple` (never 0, so no tensor is
+    empty). geometric: in steps of the larger of `multiple` and an eighth of the power of two at or
+    above n (multiple 8: 8, 16, ..., 64, 80, 96, 112, 128, 160, ...): 4 sizes per octave, < 25 %
+    padding, so a whole run sees a handful of shapes and torch.compile compiles few graphs."""
+    step = max(multiple, 1 << max(0, (n - 1).bit_length() - 3)) if geometric else multiple
+    return max(1, -(-n // step)) * step
+
+
+def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row_key=None,
+          geometric=False):
     """Dense maps ctx (C, P), tlvl / tgrp (C, S, P) -> Plan of the rows where keep (C,) is True,
-    ordered by row_key (C,). Widths are the longest kept row rounded up to pad_multiple, so that
-    torch.compile sees few distinct shapes. The one host sync of a plan is here."""
+    ordered by row_key (C,). Widths are the longest kept row rounded up by pad_width; geometric
+    (for torch.compile) also pads the replicate mode's row count with empty rows (all level 0).
+    The one host sync of a plan is here."""
     C, S, P = tlvl.shape
     n_ctx = (ctx > 0).sum(1)  # (C,)
     n_tgt = (tlvl > 0).flatten(1).sum(1)  # (C,)
     keep = torch.ones(C, dtype=torch.bool, device=ctx.device) if keep is None else keep  # (C,)
-    # Host sync: the padded shapes depend on the data. The padded 0 makes C = 0 rows legal.
+    # Host sync: the padded shapes depend on the data. The padded 0 makes C = 0 rows legal. The
+    # shortest context and its top level ride along: they say whether the encoder needs a mask.
     widths = [F.pad(n * keep, (0, 1)).max() for n in (n_ctx, n_tgt)]
-    R, Lc, Lt = torch.stack([keep.sum()] + widths).tolist()
+    shortest = F.pad(torch.where(keep, n_ctx, _BIG), (0, 1), value=_BIG).min()
+    top_level = F.pad((ctx * keep[:, None]).flatten(), (0, 1)).max()
+    R, Lc, Lt, shortest, top_level = torch.stack([keep.sum()] + widths + [shortest, top_level]).tolist()
     if row_key is not None:  # replicate mode: keep R of the C candidate rows, in row_key order
         rows = torch.where(keep, row_key, _BIG).argsort()[:R]  # (R,)
         sample, ctx, tlvl, tgrp = sample[rows], ctx[rows], tlvl[rows], tgrp[rows]
         n_ctx, n_tgt = n_ctx[rows], n_tgt[rows]
-    # Round the widths up to a multiple (never 0 columns, so no tensor is empty).
-    Lc, Lt = (max(1, -(-n // pad_multiple)) * pad_multiple for n in (Lc, Lt))
+        if geometric and pad_width(R, pad_multiple, True) > R:  # empty rows: level 0 everywhere
+            extra = pad_width(R, pad_multiple, True) - R
+            sample = F.pad(sample, (0, extra))  # (R',): image 0, never scored
+            ctx, n_ctx, n_tgt = F.pad(ctx, (0, 0, 0, extra)), F.pad(n_ctx, (0, extra)), F.pad(n_tgt, (0, extra))
+            tlvl, tgrp = F.pad(tlvl, (0, 0, 0, 0, 0, extra)), F.pad(tgrp, (0, 0, 0, 0, 0, extra))  # (R', S, P)
+            shortest = 0
+    Lc, Lt = pad_width(Lc, pad_multiple, geometric), pad_width(Lt, pad_multiple, geometric)
 
     # Context tokens: key = level-major, raster within a level (the causal mask is then
     # block-lower-triangular, easy to eyeball); absent patches sort last and become padding.
@@ -106,7 +133,9 @@ def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row
     tgt_lvl = torch.where(valid, tlvl.gather(1, order), 0)  # (R, Lt)
     tgt_grp = torch.where(valid, tgrp.gather(1, order), 0)  # (R, Lt)
     tgt_idx = torch.where(valid, order % P, 0)  # (R, Lt) slot * P + patch -> patch
-    return Plan(sample, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp, dseq, n_regions)
+    plan = Plan(sample, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp, dseq, n_regions)
+    plan.ctx_full = shortest == Lc and top_level <= 1  # one level, no padding: no mask needed
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +351,7 @@ def blocks_to_regions(context_mask, target_masks):
 
 def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mode="causal",
               order="saliency", prediction="sequential", source="saliency", per_batch_coin=False,
-              pad_multiple=8, num_regions=None, **multiblock_kwargs):
+              pad_multiple=8, geometric=False, num_regions=None, **multiblock_kwargs):
     """The plan of one training step: each sample follows its DSeq plan with probability lam and
     otherwise an I-JEPA multi-block plan; samples with < 2 non-empty regions always fall back.
 
@@ -330,7 +359,9 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
     then pass batch_size and device). grid (h, w). source='blocks': the regions are this step's
     I-JEPA blocks (blocks_to_regions). per_batch_coin: one coin for the whole batch (the official
     code) instead of one per sample (the paper's text). Widths Lc, Lt are rounded up to
-    pad_multiple. One host sync (in _pack), plus one when regions is given without num_regions.
+    pad_multiple, and with geometric=True to 4 sizes per octave (pad_width; train.py uses it under
+    torch.compile; the replicate mode's rows are then padded the same way). One host sync (in
+    _pack), plus one when regions is given without num_regions.
     multiblock_kwargs go to sample_multiblock. Returns a Plan (R = B, or more in replicate mode).
     """
     if source not in ("saliency", "blocks"):
@@ -352,7 +383,7 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
     M, b = targets.shape[1], torch.arange(B, device=device)
     if regions is None and source == "saliency":  # pure I-JEPA (lambda = 0, no saliency yet)
         none = torch.zeros(B, dtype=torch.long, device=device)
-        return _pack(b, ctx_i, tlvl_i, tgrp_i, none.bool(), none, pad_multiple)
+        return _pack(b, ctx_i, tlvl_i, tgrp_i, none.bool(), none, pad_multiple, geometric=geometric)
     if source == "blocks":
         regions, num_regions = blocks_to_regions(context, targets), M + 1
 
@@ -369,10 +400,11 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
         pick = dseq[:, None]  # (B, 1)
         return _pack(b, torch.where(pick, ctx_d, ctx_i),  # (B, P)
                      torch.where(pick[..., None], tlvl_d, tlvl_i),  # (B, M, P)
-                     torch.where(pick[..., None], tgrp_d, tgrp_i), dseq, L, pad_multiple)
+                     torch.where(pick[..., None], tgrp_d, tgrp_i), dseq, L, pad_multiple,
+                     geometric=geometric)
     # Replicate: candidate rows = every (sample, step) DSeq row and every sample's I-JEPA row;
     # keep the existing steps of DSeq samples and the I-JEPA row of the others, sorted by sample.
     keep = torch.cat([dseq[sample] & (step <= L[sample] - 1), ~dseq])  # (C + B,)
     return _pack(torch.cat([sample, b]), torch.cat([ctx_d, ctx_i]), torch.cat([tlvl_d, tlvl_i]),
                  torch.cat([tgrp_d, tgrp_i]), dseq, L, pad_multiple, keep,
-                 torch.cat([sample * N + step, b * N]))
+                 torch.cat([sample * N + step, b * N]), geometric)

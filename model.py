@@ -93,7 +93,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, mask=None):
-        """x: (B, L, C); mask: (B, L, L) bool or None (everything attends to everything)."""
+        """x: (B, L, C); mask: (B, L, L) bool or None (everything attends to everything).
+
+        mask=None is the fast path: without a mask, scaled_dot_product_attention may take the
+        flash kernel on a GPU. The target encoder's full-image pass and evaluation always run it,
+        the context encoder when its plan is one level without padding (masking.Plan.ctx_full);
+        the predictor always needs the level rule (context never sees targets)."""
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads)  # (B, L, 3, H, C/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, C/H)

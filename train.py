@@ -134,7 +134,10 @@ def get_args_parser():
     g.add_argument("--crop-scale", type=float, nargs=2, default=(0.3, 1.0), help="RandomResizedCrop scale range (paper: 0.3 1.0)")
     g.add_argument("--num-train", type=int, default=10000, help="synthetic only: number of training images")
     g.add_argument("--num-val", type=int, default=2000, help="synthetic only: number of held-out images")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers per process (default: from the CPUs this process may use; "
+                        "CUDA: all but one, at most 16; CPU: none up to 4 CPUs). torch's CPU threads are "
+                        "then the CPUs left over, unless OMP_NUM_THREADS is set")
     g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                    help="keep small datasets as uint8 on the device and crop batches there (auto: on for CUDA)")
     g = p.add_argument_group("model")
@@ -176,7 +179,8 @@ def get_args_parser():
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="autocast dtype: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile encoder and predictor (default: on for CUDA)")
+                   help="torch.compile encoder and predictor (default: on for CUDA); plans are then padded to 4 sizes per "
+                        "octave (masking.pad_width) so a run compiles a handful of graphs")
     g.add_argument("--seed", type=int, default=0, help="random seed: the networks from it on every rank; plans from seed + rank")
     g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
                    "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")
@@ -269,7 +273,7 @@ def check_args(args, parser):
                      "--warmup-epochs and --clip-grad must be >= 0")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed {args.seed} must be in 0..2**32-1 (it seeds numpy too)")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         parser.error(f"--num-workers {args.num_workers} must be >= 0 (0 = load in the main process)")
     if args.dataset == "synthetic" and args.num_train < args.batch_size:
         parser.error(f"--num-train {args.num_train} is smaller than one batch (--batch-size {args.batch_size})")
@@ -375,6 +379,7 @@ def make_plan(regions, lam, generator, grid, args, batch_size, device):
                              mode=args.dseq_pass, order=args.region_order, prediction=args.prediction,
                              source=args.region_source, per_batch_coin=args.lambda_coin == "batch",
                              num_regions=args.regions, n_targets=args.num_targets,
+                             geometric=bool(args.compile),  # few shapes -> few compiled graphs
                              target_scale=tuple(args.target_scale), context_scale=tuple(args.context_scale))
 
 
@@ -386,8 +391,9 @@ def jepa_loss(encoder, predictor, images, targets, plan):
     """
     # One row per image (R = B) means sample = arange(B): skip the copy. Replicate rows repeat images.
     x = images if plan.sample.shape[0] == images.shape[0] else images[plan.sample]  # (R, 3, H, W)
-    # 3. context encoder: only the plan's context patches, block-causal over levels
-    ctx = encoder(x, plan.ctx_idx, plan.ctx_lvl)  # (R, Lc, D)
+    # 3. context encoder: only the plan's context patches, block-causal over levels (no mask at
+    # all when every row is one level without padding: the flash-attention fast path on a GPU)
+    ctx = encoder(x, plan.ctx_idx, None if plan.ctx_full else plan.ctx_lvl)  # (R, Lc, D)
     # 4. predictor: one mask token per target position, sees what the level rule allows
     pred = predictor(ctx, plan.ctx_idx, plan.ctx_lvl, plan.tgt_idx, plan.tgt_lvl, plan.tgt_grp)  # (R, Lt, D)
     # 5. loss against the target encoder's features at the target positions
@@ -590,6 +596,16 @@ def wrap_for_speed(models, args, world, device):
     return encoder, predictor, target_encoder
 
 
+def fit_threads(args, device):
+    """Workers + torch threads that fit the CPUs this process may use (data.usable_cpus), so that
+    neither oversubscribes the machine; never more threads than torch's own default (the physical
+    cores: hyper-threads slow matrix code down). OMP_NUM_THREADS, when set, wins for the threads."""
+    workers = args.num_workers if args.num_workers is not None else data.default_num_workers(device)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), data.default_num_threads(workers)))
+    return workers
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (cluster preemption) set a flag; all ranks agree on it at the end of the step
     (agree_to_stop), write a checkpoint and exit cleanly. DataLoader workers ignore these (data.py)."""
@@ -627,6 +643,7 @@ def main(argv=None):
     rank, world, local_rank = setup_distributed()
     master = rank == 0
     device = pick_device(args, local_rank)
+    fit_threads(args, device)
     autocast, scaler = make_autocast(args, device)
     if args.compile is None:
         args.compile = device.type == "cuda"

@@ -8,7 +8,7 @@ import bench
 
 TOY = ["--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
        "--batch-size", "4", "--alpha", "0.1", "--device", "cpu", "--steps", "2", "--warmup", "0",
-       "--no-memory", "--sal-batch", "16", "--sal-repeats", "1"]
+       "--no-memory", "--sal-batch", "16", "--sal-repeats", "1", "--loader-images", "4"]
 
 
 def test_bench_runs_and_reports_every_config(tmp_path):
@@ -28,6 +28,7 @@ def test_bench_runs_and_reports_every_config(tmp_path):
     # replicate runs one row per Eq. 5 step: more encoder tokens per image than the one causal pass
     assert rows["replicate+blobs"]["enc_real"] > rows["causal+blobs"]["enc_real"]
     assert result["saliency"].get("identical", True)  # skipped without cv2, else asserted equal
+    assert result["loader"]["pipeline_img_s_core"] > 0 and result["loader"]["images"] == 4
 
 
 def test_official_cost_estimate_counts_full_length_rows():

@@ -1,0 +1,163 @@
+"""
+One GPU check, one command: everything a single-GPU machine (no internet, a preinstalled PyTorch
+>= 2.3) can tell us, in under 8 minutes.
+
+    bash scripts/gpu_check.sh                 # on the GPU machine; writes results/gpu/
+    python scripts/gpu_check.py --dry         # tiny CPU version of every stage (CI runs it)
+
+Stages, each a subprocess with its own time limit (a slow stage is cut off, reported, and the
+next one still runs; the limits add up to 7 min 45 s):
+  1. tests     the test suite on CUDA: first the `cuda`-marked tests (tests-cuda), then every test
+               not marked slow (tests; the dry mode leaves this one out: CI runs the suite anyway)
+  2. bench     bench.py, bf16 + torch.compile, ViT-B/16 at 224 px: step time, img/s, MFU, graphs
+               compiled, peak memory for I-JEPA, DSeq causal and DSeq replicate (the "+blobs"
+               rows: every image has N-1 = 4 ranked regions, the costliest DSeq plan)
+  3. pretrain  only if the Fashion-MNIST IDX files are in data/fashion-mnist (--fmnist): a short
+               DSeq-JEPA and I-JEPA pretraining run each, ending with the held-out kNN accuracy
+Writes OUT/<stage>.json (command, return code, seconds, output tail, parsed numbers) and
+OUT/summary.md (the tables), OUT = results/gpu (results/gpu-dry with --dry).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+PY = sys.executable
+
+
+def stages(args):
+    """name -> (command, time limit in seconds, output folder of a training run or None)."""
+    out = {}
+    if args.dry:  # tiny model, few steps, CPU: checks that every stage runs, not how fast (a shared
+        # CPU can be slow, so the dry limits only catch hangs)
+        args.pretrain_limit = 600
+        out["tests-cuda"] = ([PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_gpu_ready.py"], 600, None)
+        model = ["--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
+                 "--alpha", "0.1", "--device", "cpu"]
+        out["bench"] = ([PY, "bench.py", *model, "--batch-size", "4", "--steps", "1", "--warmup", "0", "--no-memory",
+                         "--maps", "blobs", "--sal-batch", "8", "--sal-repeats", "1", "--loader-images", "2",
+                         "--json", os.path.join(args.out, "bench_raw.json")], 600, None)
+        runs = [*model, "--batch-size", "16", "--epochs", "1", "--num-train", "32", "--num-val", "16",
+                "--num-workers", "0", "--no-picture", "--knn-every", "0", "--warmup-epochs", "0"]
+    else:
+        out["tests-cuda"] = ([PY, "-m", "pytest", "-q", "-m", "cuda"], args.cuda_tests_limit, None)
+        out["tests"] = ([PY, "-m", "pytest", "-q", "-m", "not slow and not cuda"], args.tests_limit, None)
+        out["bench"] = ([PY, "bench.py", "--device", "cuda", "--model", "base", "--img-size", "224",
+                         "--patch-size", "16", "--pred-dim", "384", "--pred-depth", "6",
+                         "--batch-size", str(args.batch_size), "--amp", "bf16", "--compile", "--maps", "blobs",
+                         "--steps", "5", "--warmup", "3", "--sal-batch", "256", "--loader-images", "64",
+                         "--json", os.path.join(args.out, "bench_raw.json")], args.bench_limit, None)
+        runs = None
+        if os.path.isdir(args.fmnist):
+            runs = ["--preset", "fashion-mnist-tiny", "--data-path", args.fmnist, "--epochs", str(args.epochs),
+                    "--warmup-epochs", "0.5", "--knn-every", "0", "--no-picture", "--ckpt-every", "100000"]
+    if runs is not None:
+        for method in ("dseq", "ijepa"):
+            run_dir = os.path.join(args.out, f"pretrain-{method}")
+            out[f"pretrain-{method}"] = ([PY, "train.py", *runs, "--method", method, "--out-dir", run_dir,
+                                          "--no-auto-resume"], args.pretrain_limit, run_dir)
+    return out
+
+
+def run_stage(name, cmd, limit, run_dir):
+    """Run one stage under its time limit; returns its record (also written to OUT/name.json)."""
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = "timeout"
+        text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+    rec = {"stage": name, "command": " ".join(cmd), "limit_s": limit, "seconds": round(time.perf_counter() - t, 1),
+           "returncode": rc, "ok": rc == 0, "tail": text[-4000:]}
+    if run_dir and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+        knn = [r for r in rows if "knn_top1" in r]
+        steps = [r for r in rows if "step_time" in r]
+        rec["knn_top1"] = knn[-1]["knn_top1"] if knn else None
+        rec["final_loss"] = steps[-1]["loss"] if steps else None
+        rec["median_img_per_s"] = sorted(r["img_per_s"] for r in steps)[len(steps) // 2] if steps else None
+        rec["peak_mem_mb"] = max((r["peak_mem_mb"] for r in steps), default=None)
+    return rec
+
+
+def summary(records, out):
+    """Markdown tables of what the stages measured."""
+    lines = ["| stage | ok | seconds | limit |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['ok']} ({r['returncode']}) | {r['seconds']} | {r['limit_s']} |" for r in records]
+    raw = os.path.join(out, "bench_raw.json")
+    if os.path.exists(raw):
+        b = json.load(open(raw))
+        m = b["machine"]
+        lines += ["", f"bench: {m['gpu'] or m['cpu']}, torch {m['torch']}, amp {b['amp']}, compile "
+                  f"{b['config']['compile']}, {b['config']['model']} {b['config']['img_size']} px / "
+                  f"{b['config']['patch_size']}, batch {b['config']['batch_size']}, graphs compiled "
+                  f"{b.get('graphs_compiled', '-')}, recompiles while timing {b.get('recompiles_during_timing', '-')}", "",
+                  "| config | step ms | img/s | x I-JEPA | MFU | peak MiB | dseq | enc tok | pred tok |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in b["rows"].items():
+            mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "-"
+            mem = f"{r['mem_mib']:.0f}" if r.get("mem_mib") else "-"
+            lines.append(f"| {name} | {r['wall_ms']:.1f} | {r['img_s']:.0f} | {r['ratio_wall']:.2f} | {mfu} | {mem} | "
+                         f"{r['dseq']:.2f} | {r['enc_real']:.0f}/{r['enc_pad']:.0f} | {r['pred_real']:.0f}/{r['pred_pad']:.0f} |")
+        if "pipeline_img_s_core" in b.get("loader", {}):
+            lo = b["loader"]
+            lines += ["", f"loader: {lo['pipeline_img_s_core']:.0f} img/s per core (500x375 JPEG -> 224 px); "
+                      f"plain PIL loop {lo['pil_loop_img_s_core']:.0f}"]
+    pre = [r for r in records if r["stage"].startswith("pretrain")]
+    if pre:
+        lines += ["", "| pretraining | kNN top-1 | final loss | img/s | peak MiB |", "|---|---|---|---|---|"]
+        for r in pre:
+            knn = f"{r['knn_top1']:.2f}" if r.get("knn_top1") is not None else "-"
+            loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
+            ips = f"{r['median_img_per_s']:.0f}" if r.get("median_img_per_s") else "-"
+            mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "-"
+            lines.append(f"| {r['stage'][9:]} | {knn} | {loss} | {ips} | {mem} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser("gpu_check.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry", action="store_true", help="tiny CPU version of every stage (what CI runs)")
+    p.add_argument("--out", default=None, help="results folder (default results/gpu, or results/gpu-dry with --dry)")
+    p.add_argument("--fmnist", default=os.path.join(ROOT, "data", "fashion-mnist"),
+                   help="Fashion-MNIST IDX files; the pretraining stage runs only if this folder exists")
+    p.add_argument("--batch-size", type=int, default=128, help="bench batch size (ViT-B/16, 224 px)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each Fashion-MNIST pretraining run")
+    p.add_argument("--cuda-tests-limit", type=int, default=45, help="seconds for the cuda-marked tests")
+    p.add_argument("--tests-limit", type=int, default=90, help="seconds for the rest of the suite (not slow)")
+    p.add_argument("--bench-limit", type=int, default=180, help="seconds for the benchmark stage")
+    p.add_argument("--pretrain-limit", type=int, default=75, help="seconds for each pretraining run")
+    args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out or os.path.join(ROOT, "results", "gpu-dry" if args.dry else "gpu"))
+    os.makedirs(args.out, exist_ok=True)
+    if not args.dry:
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("error: no CUDA device visible; run with --dry for the CPU version")
+    records = []
+    for name, (cmd, limit, run_dir) in stages(args).items():
+        print(f"[gpu_check] {name} (limit {limit} s): {' '.join(cmd)}", flush=True)
+        rec = run_stage(name, cmd, limit, run_dir)
+        print(f"[gpu_check] {name}: {'ok' if rec['ok'] else 'FAILED ' + str(rec['returncode'])} in {rec['seconds']} s",
+              flush=True)
+        if not rec["ok"]:
+            print(rec["tail"][-1500:], flush=True)
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(rec, f, indent=1)
+        records.append(rec)
+    print(summary(records, args.out))
+    return records
+
+
+if __name__ == "__main__":
+    records = main()
+    sys.exit(0 if all(r["ok"] for r in records) else 1)

@@ -99,9 +99,9 @@ _COLOURS = np.array([[225, 40, 40], [40, 80, 235], [30, 185, 60], [235, 205, 30]
 _DISTRACTOR_COLOURS = np.array([[150, 50, 190], [30, 170, 190], [235, 235, 235], [25, 25, 25]],
                                np.float32)  # purple, teal, white, black
 _N_STROKES = 4  # distractor strokes per image: clutter with edges, but thin and dull
-_N_OBJECTS = 4  # object slots: the class object, the second object, two optional small ones
+_N_OBJECTS = 4  # object slots: the class object, two large distractors, one optional small one
 _CELLS = 8  # the layout grid: 8 x 8 cells = the demo's patch grid (32 px / patch 4)
-_N_LAYOUT = 28  # uniforms _layout consumes per image
+_N_LAYOUT = 26  # uniforms _layout consumes per image
 # Uniform numbers one image consumes: coarse noise 4x4x3, fine noise 8x8x3, strokes (x0, y0, x1,
 # y1, r, g, b) each, the layout.
 _PARAM_SPLITS = np.cumsum([48, 192, 7 * _N_STROKES])
@@ -113,58 +113,60 @@ def _layout(q, labels):
     labels: (B,) -> (B, 4, 10) float32, one row per object slot: present, centre x, centre y,
     radius x, radius y (in cells), angle, shape, colour (R, G, B).
 
-    The grid is cut by one empty line of cells (a column, or a row when transposed) into a strip of
-    4 cells and a strip of 3 cells. The class object A fills a 4 x 4 box in the wide strip; the
-    second object B a 3 x (4..5) box in the narrow strip (stretched along the strip, so it is nearly
-    as large as A; each touches 6-16 cells). Each strip then has 3-4 free cells along its
-    length; where 3 are free on one side (1 empty cell + a 2-cell box) a small object (C, D) goes
-    there with probability 0.7. Boxes never touch, not even diagonally, so at the layout grid every
-    object is its own 8-connected component: 2-4 objects per image."""
+    One empty row of cells cuts the grid into a band of 4 rows and a band of 3; one empty column
+    cuts the 4-row band into a 4 x 4 box (the class object A) and a 4 x 3 box (object B). The
+    3-row band holds object C in a 3 x 4 box at any place along it; if 3 cells are left free on
+    one side of C (1 empty cell + a 2-cell box), a small object D goes there with probability 0.7.
+    Random flips and a transpose move the bands and boxes around. Boxes never touch, not even
+    diagonally, so at the layout grid every object is its own 8-connected component: 3-4 objects
+    per image, three of them large enough (each touches 6-16 cells, >= 15 % of the grid for
+    most) to survive the paper's area filter alpha = 0.15 as separate regions."""
     B = len(labels)
     q = iter(q.T)  # each next(q) is one (B,) column of fresh uniforms
     out = np.zeros((B, _N_OBJECTS, 10), np.float32)
-    flip, transpose = next(q) < 0.5, next(q) < 0.5
-    # per strip: start (wide strip on the left, cells 0-3, or on the right, 4-7), width, box size
-    strips = ((np.where(flip, 0, 4), 4, 4, np.full(B, 4)),
-              (np.where(flip, 5, 0), 3, 3, 4 + (next(q) < 0.5)))
-    for slot, (x0, width, bw, bl) in enumerate(strips):
-        y0 = np.floor(next(q) * (_CELLS - bl + 1))  # box offset along the strip: every place
+    left, top, transpose = next(q) < 0.5, next(q) < 0.5, next(q) < 0.5
+    band = np.where(top, 0, 4)  # first row of the 4-row band (the 3-row band is rows 5-7 or 0-2)
+    c_row = np.where(top, 5, 0)
+    c_col = np.floor(next(q) * 5)  # C's box starts at column 0..4 (4 wide): every place
+    # boxes (x0, y0, width, height) in cells: A, B, C
+    boxes = ((np.where(left, 0, 4), band, 4, 4), (np.where(left, 5, 0), band, 3, 4), (c_col, c_row, 4, 3))
+    for slot, (x0, y0, w, h) in enumerate(boxes):
         # objects fill 80-94 % of their box: the shapes' corners reach 1.06 x the radius, so they
-        # never leave it (the empty line of cells between boxes stays empty)
+        # never leave it (the empty lines of cells between boxes stay empty)
         jitter = 0.8 + 0.14 * next(q)
-        out[:, slot, :5] = np.stack([np.ones(B), x0 + width / 2, y0 + bl / 2, bw / 2 * jitter,
-                                     bl / 2 * jitter], 1)
-        # a small object on the longer free side of the strip, if 3 cells are free there
-        before, after = y0, _CELLS - y0 - bl
-        small = (np.maximum(before, after) >= 3) & (next(q) < 0.7)
-        cy = np.where(before >= after, before - 2, y0 + bl + 2)  # centre of a 2-cell box, 1 cell away
-        cx = x0 + width / 2 + (next(q) - 0.5) * (width - 2)  # anywhere across the strip
-        r = 0.85  # 0.85 x 1.06 < 1 cell
-        out[:, 2 + slot, :5] = np.stack([small, cx, cy, np.full(B, r), np.full(B, r)], 1) * small[:, None]
+        out[:, slot, :5] = np.stack([np.ones(B), x0 + w / 2, y0 + h / 2, w / 2 * jitter, h / 2 * jitter], 1)
+    # D: small, on the longer free side of C in its band, if 3 cells are free there
+    before, after = c_col, _CELLS - c_col - 4
+    small = (np.maximum(before, after) >= 3) & (next(q) < 0.7)
+    cx = np.where(before >= after, before - 2, c_col + 4 + 2)  # centre of a 2-cell box, 1 cell away
+    cy = c_row + 1.5 + (next(q) - 0.5)  # anywhere across the 3-row band
+    r = 0.85  # 0.85 x 1.06 < 1 cell
+    out[:, 3, :5] = np.stack([small, cx, cy, np.full(B, r), np.full(B, r)], 1) * small[:, None]
     out[:, :, 5] = (np.stack([next(q) for _ in range(_N_OBJECTS)], 1) - 0.5) * math.pi / 3  # +-30 deg
     shapes = np.floor(np.stack([next(q) for _ in range(_N_OBJECTS)], 1) * len(_SHAPES))  # (B, 4)
     shapes[:, 0] = labels % len(_SHAPES)  # the class object's shape is the class
     out[:, :, 6] = shapes
-    # colours: A the class colour +-20; B high contrast, C and D low contrast (blended towards the
-    # background grey 130), so the objects differ in size AND contrast
+    # colours: A the class colour +-20 at full contrast; B, C, D distractor colours at decreasing
+    # contrast (blended towards the background grey 130), so the objects differ in size AND contrast
     out[:, 0, 7:] = _COLOURS[labels // len(_SHAPES)] + 40 * (np.stack([next(q) for _ in range(3)], 1) - 0.5)
-    contrast = np.stack([0.7 + 0.3 * next(q), 0.35 + 0.25 * next(q), 0.35 + 0.25 * next(q)], 1)  # (B, 3)
+    contrast = np.stack([0.7 + 0.3 * next(q), 0.5 + 0.3 * next(q), 0.35 + 0.25 * next(q)], 1)  # (B, 3)
     pick = _DISTRACTOR_COLOURS[(np.stack([next(q) for _ in range(3)], 1) * 4).astype(int)]  # (B, 3, 3)
     out[:, 1:, 7:] = 130 + contrast[..., None] * (pick - 130)
-    # the empty line becomes a row: swap x and y of centres and radii
+    # transposed layouts: swap x and y of centres and radii
     out[transpose] = out[transpose][:, :, [0, 2, 1, 4, 3, 5, 6, 7, 8, 9]]
     return out
 
 
 class SyntheticShapes(Dataset):
-    """2-4 separated objects on a cluttered, textured background; the class object decides the class.
+    """3-4 separated objects on a cluttered, textured background; the class object decides the class.
 
     Several salient things per image, so that the saliency extractor finds several regions and
     DSeq-JEPA's sequence R_1 -> R_2 -> ... -> background has more than one step (see _layout):
       A (the class object): shape list(_SHAPES)[c % 5] in colour _COLOURS[c // 5] (10 classes: 5
         shapes x red/blue; up to 20), in the largest box (4 x 4 cells), at full contrast;
-      B: a random shape in a distractor colour, in a 3 x 4 or 3 x 5 box, at 70-100 % contrast;
-      C, D (optional): small (2 x 2 cells) low-contrast (35-60 %) distractors.
+      B, C: random shapes in distractor colours, in 4 x 3 and 3 x 4 boxes, at 70-100 % and
+        50-80 % contrast;
+      D (optional): small (2 x 2 cells), low contrast (35-60 %).
     The class is well defined and learnable: it is the shape and colour of the only object painted
     in a class colour (distractor colours are far from every class colour). Objects lie on an
     8 x 8 layout grid (the demo's patch grid at 32 px / patch 4) with at least one empty cell line

@@ -100,7 +100,8 @@ def get_args_parser():
     g.add_argument("--alpha", type=float, default=0.15, help="drop components smaller than alpha*h*w patches (paper: 0.15; the demo preset: 0.1)")
     g.add_argument("--saliency-layer", type=int, default=-2, help="target-encoder block for saliency (paper: -2, block 10 of 12)")
     g.add_argument("--region-order", choices=["saliency", "random", "reverse", "raster"], default="saliency",
-                   help="prediction order of the ranked regions (ablation; paper: saliency)")
+                   help="prediction order of the ranked regions R_1..R_{N-1} (ablation; paper: saliency). reverse = the paper's "
+                        "'inverse' (least salient ranked region first); in every order the background R_N stays the last target")
     g.add_argument("--prediction", choices=["sequential", "flat"], default="sequential",
                    help="sequential (Eq. 5) or flat: every region predicted from R_1 alone (ablation)")
     g.add_argument("--region-source", choices=["saliency", "blocks"], default="saliency",

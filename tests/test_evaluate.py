@@ -391,7 +391,7 @@ def test_regions_eval_writes_histogram_and_table(trained, tmp_path, capsys):
                             "--num-val", "32", "--out-dir", str(tmp_path), "--eval-name", "reg",
                             "--device", "cpu", "--num-workers", "0"])
     saved = json.load(open(tmp_path / "eval_reg.json"))
-    assert set(saved["regions"]) == {"0.05", "0.15"} and report["regions"][0.15]["images"] == 32
+    assert set(saved["regions"]) == {"0.05", "0.15"} and report["regions"]["0.15"]["images"] == 32
     for s in saved["regions"].values():
         assert sum(s["hist"]) == s["images"] == 32 and set(s["differs"]) >= {"prediction=flat", "dseq-pass=replicate"}
     assert "share of held-out images whose DSeq plan a flag changes" in capsys.readouterr().out

@@ -21,7 +21,7 @@ Public API
         raw dataset, holding class_to_idx / n_bad / object_mask).
     check_img_size(img_size, patch_size) -> patches per side
     DataError(ValueError): every mistake a user can make; the message names the thing and the fix.
-    SyntheticShapes.object_mask(i) -> (S, S) bool: where the object is (to score saliency maps).
+    SyntheticShapes.object_mask(i) -> (S, S) bool: where the class object is (object_masks(i): all 4).
     ImageFolder.class_to_idx (save it with the run as JSON), ImageFolder.n_bad (unreadable files).
 
 Determinism: a sample's augmentation is drawn from a numpy Generator seeded by (seed, epoch, index),
@@ -99,23 +99,89 @@ _SHAPES = {
     "ring": lambda x, y: (x * x + y * y <= 1) & (x * x + y * y >= 0.4),
 }
 _COLOURS = np.array([[225, 40, 40], [40, 80, 235], [30, 185, 60], [235, 205, 30]], np.float32)
+# Distractor objects never take a class colour (every channel differs from each class colour by
+# more than 80 at full contrast), so the class object is always the one in a class colour.
+_DISTRACTOR_COLOURS = np.array([[150, 50, 190], [30, 170, 190], [235, 235, 235], [25, 25, 25]],
+                               np.float32)  # purple, teal, white, black
 _N_STROKES = 4  # distractor strokes per image: clutter with edges, but thin and dull
+_N_OBJECTS = 4  # object slots: the class object, two large distractors, one optional small one
+_CELLS = 8  # the layout grid: 8 x 8 cells = the demo's patch grid (32 px / patch 4)
+_N_LAYOUT = 26  # uniforms _layout consumes per image
 # Uniform numbers one image consumes: coarse noise 4x4x3, fine noise 8x8x3, strokes (x0, y0, x1,
-# y1, r, g, b) each, object (x, y, radius, angle, colour jitter x3).
+# y1, r, g, b) each, the layout.
 _PARAM_SPLITS = np.cumsum([48, 192, 7 * _N_STROKES])
-_N_PARAMS = int(_PARAM_SPLITS[-1]) + 7
+_N_PARAMS = int(_PARAM_SPLITS[-1]) + _N_LAYOUT
+
+
+def _layout(q, labels):
+    """Where the objects go, on the 8 x 8 layout grid, for a batch. q: (B, _N_LAYOUT) uniforms,
+    labels: (B,) -> (B, 4, 10) float32, one row per object slot: present, centre x, centre y,
+    radius x, radius y (in cells), angle, shape, colour (R, G, B).
+
+    One empty row of cells cuts the grid into a band of 4 rows and a band of 3; one empty column
+    cuts the 4-row band into a 4 x 4 box (the class object A) and a 4 x 3 box (object B). The
+    3-row band holds object C in a 3 x 4 box at any place along it; if 3 cells are left free on
+    one side of C (1 empty cell + a 2-cell box), a small object D goes there with probability 0.7.
+    Random flips and a transpose move the bands and boxes around. Boxes never touch, not even
+    diagonally, so at the layout grid every object is its own 8-connected component: 3-4 objects
+    per image, three of them large enough (each touches 6-16 cells, >= 15 % of the grid for
+    most) to survive the paper's area filter alpha = 0.15 as separate regions."""
+    B = len(labels)
+    q = iter(q.T)  # each next(q) is one (B,) column of fresh uniforms
+    out = np.zeros((B, _N_OBJECTS, 10), np.float32)
+    left, top, transpose = next(q) < 0.5, next(q) < 0.5, next(q) < 0.5
+    band = np.where(top, 0, 4)  # first row of the 4-row band (the 3-row band is rows 5-7 or 0-2)
+    c_row = np.where(top, 5, 0)
+    c_col = np.floor(next(q) * 5)  # C's box starts at column 0..4 (4 wide): every place
+    # boxes (x0, y0, width, height) in cells: A, B, C
+    boxes = ((np.where(left, 0, 4), band, 4, 4), (np.where(left, 5, 0), band, 3, 4), (c_col, c_row, 4, 3))
+    for slot, (x0, y0, w, h) in enumerate(boxes):
+        # objects fill 80-94 % of their box: the shapes' corners reach 1.06 x the radius, so they
+        # never leave it (the empty lines of cells between boxes stay empty)
+        jitter = 0.8 + 0.14 * next(q)
+        out[:, slot, :5] = np.stack([np.ones(B), x0 + w / 2, y0 + h / 2, w / 2 * jitter, h / 2 * jitter], 1)
+    # D: small, on the longer free side of C in its band, if 3 cells are free there
+    before, after = c_col, _CELLS - c_col - 4
+    small = (np.maximum(before, after) >= 3) & (next(q) < 0.7)
+    cx = np.where(before >= after, before - 2, c_col + 4 + 2)  # centre of a 2-cell box, 1 cell away
+    cy = c_row + 1.5 + (next(q) - 0.5)  # anywhere across the 3-row band
+    r = 0.85  # 0.85 x 1.06 < 1 cell
+    out[:, 3, :5] = np.stack([small, cx, cy, np.full(B, r), np.full(B, r)], 1) * small[:, None]
+    out[:, :, 5] = (np.stack([next(q) for _ in range(_N_OBJECTS)], 1) - 0.5) * math.pi / 3  # +-30 deg
+    shapes = np.floor(np.stack([next(q) for _ in range(_N_OBJECTS)], 1) * len(_SHAPES))  # (B, 4)
+    shapes[:, 0] = labels % len(_SHAPES)  # the class object's shape is the class
+    out[:, :, 6] = shapes
+    # colours: A the class colour +-20 at full contrast; B, C, D distractor colours at decreasing
+    # contrast (blended towards the background grey 130), so the objects differ in size AND contrast
+    out[:, 0, 7:] = _COLOURS[labels // len(_SHAPES)] + 40 * (np.stack([next(q) for _ in range(3)], 1) - 0.5)
+    contrast = np.stack([0.7 + 0.3 * next(q), 0.5 + 0.3 * next(q), 0.35 + 0.25 * next(q)], 1)  # (B, 3)
+    pick = _DISTRACTOR_COLOURS[(np.stack([next(q) for _ in range(3)], 1) * 4).astype(int)]  # (B, 3, 3)
+    out[:, 1:, 7:] = 130 + contrast[..., None] * (pick - 130)
+    # transposed layouts: swap x and y of centres and radii
+    out[transpose] = out[transpose][:, :, [0, 2, 1, 4, 3, 5, 6, 7, 8, 9]]
+    return out
 
 
 class SyntheticShapes(Dataset):
-    """One coloured object on a cluttered, textured background; the object decides the class.
+    """3-4 separated objects on a cluttered, textured background; the class object decides the class.
 
-    Class c: shape list(_SHAPES)[c % 5] painted in colour _COLOURS[c // 5] (10 classes: 5 shapes x
-    red/blue; up to 20). The object has a random position, radius (18-32 % of the side) and rotation
-    (+-30 deg); the background is desaturated smooth noise in two octaves plus thin strokes, so the
-    object is the salient thing and classes are learnable. Image i is a pure function of
-    (seed, split, i): every random number comes from its own numpy Generator, and train / val use
-    different seed streams, so they never share an image. Labels are i % num_classes (balanced).
-    Items: (uint8 (3, S, S), label). object_mask(i): (S, S) bool, exactly the object's pixels.
+    Several salient things per image, so that the saliency extractor finds several regions and
+    DSeq-JEPA's sequence R_1 -> R_2 -> ... -> background has more than one step (see _layout):
+      A (the class object): shape list(_SHAPES)[c % 5] in colour _COLOURS[c // 5] (10 classes: 5
+        shapes x red/blue; up to 20), in the largest box (4 x 4 cells), at full contrast;
+      B, C: random shapes in distractor colours, in 4 x 3 and 3 x 4 boxes, at 70-100 % and
+        50-80 % contrast;
+      D (optional): small (2 x 2 cells), low contrast (35-60 %).
+    The class is well defined and learnable: it is the shape and colour of the only object painted
+    in a class colour (distractor colours are far from every class colour). Objects lie on an
+    8 x 8 layout grid (the demo's patch grid at 32 px / patch 4) with at least one empty cell line
+    between any two, so at that grid they are separate 8-connected components. Each object has a random place, size within its box
+    and rotation (+-30 deg); the background is desaturated smooth noise in two octaves plus thin
+    strokes. Image i is a pure function of (seed, split, i): every random number comes from its
+    own numpy Generator, and train / val use different seed streams, so they never share an image.
+    Labels are i % num_classes (balanced).
+    Items: (uint8 (3, S, S), label). object_mask(i): (S, S) bool, exactly the CLASS object's pixels
+    (the thing a discriminative R_1 should find; distractors are not in it).
     """
 
     def __init__(self, split="train", img_size=32, size=None, num_classes=10, seed=0):
@@ -137,7 +203,11 @@ class SyntheticShapes(Dataset):
         return torch.from_numpy(imgs[0]), int(self.labels[i])
 
     def object_mask(self, i):
-        """(S, S) bool: the pixels painted with the object's colour in image i."""
+        """(S, S) bool: the pixels painted with the class object (A) in image i."""
+        return torch.from_numpy(self._render(np.array([i]))[1][0, 0])
+
+    def object_masks(self, i):
+        """(4, S, S) bool: the pixels of each object slot A, B, C, D in image i (absent = empty)."""
         return torch.from_numpy(self._render(np.array([i]))[1][0])
 
     def tensors(self):
@@ -150,15 +220,17 @@ class SyntheticShapes(Dataset):
         return self._images, self.labels
 
     def _render(self, idx):
-        """Draw images idx: (B,) -> (imgs uint8 (B, 3, S, S), masks bool (B, S, S)), vectorised."""
+        """Draw images idx: (B,) -> (imgs uint8 (B, 3, S, S), object masks bool (B, 4, S, S)); mask
+        slot 0 is the class object."""
         S, B = self.img_size, len(idx)
+        labels = self.labels[torch.as_tensor(idx)].numpy()  # (B,)
         # 1. all random numbers of image i from its own generator: pixels never depend on the batch
         p = np.stack([np.random.default_rng([self.seed, self.stream, int(i)]).random(_N_PARAMS, np.float32)
-                      for i in idx])  # (B, P)
-        coarse, fine, strokes, obj = np.split(p, _PARAM_SPLITS, axis=1)
-        labels = self.labels[torch.as_tensor(idx)].numpy()  # (B,)
+                      for i in idx])  # (B, _N_PARAMS)
+        coarse, fine, strokes, layout = np.split(p, _PARAM_SPLITS, axis=1)
+        objs = _layout(layout, labels)  # (B, 4, 10)
         ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
-        # 2. background: two octaves of smooth colour noise, desaturated so the object pops out
+        # 2. background: two octaves of smooth colour noise, desaturated so the objects pop out
         up = lambda g, k: F.interpolate(torch.from_numpy(g).view(B, 3, k, k), (S, S), mode="bilinear")
         bg = (0.7 * up(coarse, 4) + 0.3 * up(fine, 8)).numpy()  # (B, 3, S, S) in [0, 1]
         grey = bg.mean(1, keepdims=True)  # (B, 1, S, S)
@@ -171,22 +243,23 @@ class SyntheticShapes(Dataset):
         on = (xs - ax - t * bx) ** 2 + (ys - ay - t * by) ** 2 < (0.6 * S / 32) ** 2
         for k in range(_N_STROKES):
             img = np.where(on[:, k, None], 50 + 150 * st[:, k, 4:7, None, None], img)
-        # 4. the object: centre kept a radius away from the borders so it is never cut off
-        r = S * (0.18 + 0.14 * obj[:, 2])  # (B,) radius in pixels
-        cx, cy = r + (S - 2 * r) * obj[:, 0], r + (S - 2 * r) * obj[:, 1]
-        ang = (obj[:, 3] - 0.5) * math.pi / 3  # +-30 degrees
-        c, s = np.cos(ang)[:, None, None], np.sin(ang)[:, None, None]
-        dx0, dy0 = (xs - cx[:, None, None]) / r[:, None, None], (ys - cy[:, None, None]) / r[:, None, None]
-        dx, dy = c * dx0 + s * dy0, -s * dx0 + c * dy0  # (B, S, S) rotated unit coordinates
-        mask = np.zeros((B, S, S), bool)
-        for k, fn in enumerate(_SHAPES.values()):
-            sel = labels % len(_SHAPES) == k
-            if sel.any():
-                mask[sel] = fn(dx[sel], dy[sel])
-        rgb = _COLOURS[labels // len(_SHAPES)] + 40 * (obj[:, 4:7] - 0.5)  # (B, 3) class colour +-20
-        shade = 1 - 0.1 * dy[:, None]  # (B, 1, S, S) a little light from above: not a flat sticker
-        img = np.where(mask[:, None], rgb[:, :, None, None] * shade, img)
-        return np.clip(img, 0, 255).astype(np.uint8), mask
+        # 4. the objects, in slot order; boxes never overlap, so the order does not matter
+        cell = S / _CELLS  # pixels per layout cell
+        masks = np.zeros((B, _N_OBJECTS, S, S), bool)
+        for k in range(_N_OBJECTS):
+            o = objs[:, k]  # (B, 10)
+            cx, cy, rx, ry = (np.maximum(o[:, j, None, None], 1e-3) * cell for j in range(1, 5))  # (B, 1, 1)
+            c, s = np.cos(o[:, 5])[:, None, None], np.sin(o[:, 5])[:, None, None]
+            u, v = (xs - cx) / rx, (ys - cy) / ry  # (B, S, S) offsets in box units
+            # rotate in box units: norms are kept, so a shape inside the unit disc stays in its box
+            dx, dy = c * u + s * v, -s * u + c * v  # (B, S, S) unit coordinates of the shape
+            for j, fn in enumerate(_SHAPES.values()):
+                sel = (o[:, 6] == j) & (o[:, 0] > 0)  # (B,) present objects of shape j
+                if sel.any():
+                    masks[sel, k] = fn(dx[sel], dy[sel])
+            shade = 1 - 0.1 * dy[:, None]  # (B, 1, S, S) a little light from above: not a flat sticker
+            img = np.where(masks[:, k, None], o[:, 7:, None, None] * shade, img)
+        return np.clip(img, 0, 255).astype(np.uint8), masks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ MODEL_KEYS = ("model", "img_size", "patch_size", "pred_dim", "pred_depth")  # mu
 # Properties of the machine running the evaluation, never taken from the training run's config.
 MACHINE_KEYS = ("preset", "device", "amp", "compile", "seed", "num_workers", "device_data", "out_dir",
                 "resume", "no_auto_resume", "resume_override")
-EVALS = ("knn", "linear", "finetune", "picture")
+EVALS = ("knn", "linear", "finetune", "picture", "regions")
 
 
 def get_args_parser():
@@ -113,6 +113,8 @@ def get_args_parser():
     g.add_argument("--label-smoothing", type=float, default=0.1, help="fine-tuning label smoothing (paper: 0.1)")
     g.add_argument("--picture-images", type=int, default=6, help="held-out images (rows) in the plan picture")
     g.add_argument("--overlap-images", type=int, default=256, help="held-out images scored for top-region/object overlap")
+    g.add_argument("--region-alphas", default=None,
+                   help="regions eval: comma list of area filters to tabulate, e.g. 0.05,0.1,0.15 (default: the run's --alpha)")
     g.add_argument("--eval-name", default=None, help="results go to OUT_DIR/eval_NAME.json (default: init kind + time)")
     return p
 
@@ -139,7 +141,7 @@ def resolve_config(argv=None):
     bad = [e for e in args.eval.split(",") if e not in EVALS]
     if bad:
         parser.error(f"--eval {args.eval}: unknown {bad}; choose from {', '.join(EVALS)}")
-    if args.pixels and ({"finetune", "picture"} & set(args.eval.split(","))):
+    if args.pixels and ({"finetune", "picture", "regions"} & set(args.eval.split(","))):
         parser.error("--pixels has no encoder to fine-tune or picture; use --eval knn,linear")
     if not 0 < args.probe_holdout < 1:
         parser.error(f"--probe-holdout {args.probe_holdout}: give a share in (0, 1), e.g. 0.1")
@@ -799,6 +801,107 @@ def plan_picture(target_encoder, args, path, device):
 # The command line
 
 
+# ----------------------------------------------------------------------------------------------
+# Region statistics: how many ranked regions the extractor finds, and which ablations change a plan
+
+# The ablation flags of train.py, each as the dseq_plan / extractor settings it changes. "default" is
+# the paper's DSeq-JEPA plan: saliency order, sequential prediction, causal pass, N = --regions.
+ABLATIONS = {
+    "prediction=flat": dict(prediction="flat"),
+    "region-order=reverse": dict(order="reverse"),
+    "region-order=random": dict(order="random"),
+    "region-order=raster": dict(order="raster"),
+    "dseq-pass=replicate": dict(mode="replicate"),
+    "regions=3": dict(n_regions=3),
+    "regions=7": dict(n_regions=7),
+}
+
+
+def plan_steps(plan, n):
+    """The prediction steps of each of n samples, as sets we can compare across plan kinds.
+
+    A step is (T, (C_1, ..., C_j)): T = the patches of one target group (frozenset), C_1..C_j = the
+    context patches its prediction sees, split by encoder level in increasing order (frozensets).
+    By the level rule a context token of level l is encoded from the context of levels <= l, so the
+    tuple fixes both WHAT the prediction sees and HOW the encoder saw it: causal R_1 -> R_2 -> R_3
+    predicts R_3 from ([R_1], [R_2]); replicate predicts it from ([R_1 u R_2]), a different step.
+    Returns a list of n frozensets of steps (empty for a sample without a DSeq plan, L < 2)."""
+    out = [set() for _ in range(n)]
+    for r in range(plan.sample.shape[0]):
+        ctx = [(i, l) for i, l in zip(plan.ctx_idx[r].tolist(), plan.ctx_lvl[r].tolist()) if l > 0]
+        groups = {}  # group -> (level, patches)
+        for i, l, g in zip(plan.tgt_idx[r].tolist(), plan.tgt_lvl[r].tolist(), plan.tgt_grp[r].tolist()):
+            if l > 0:
+                groups.setdefault(g, (l, set()))[1].add(i)
+        for level, patches in groups.values():
+            seen = sorted({l for _, l in ctx if l < level})
+            parts = tuple(frozenset(i for i, l in ctx if l == v) for v in seen)
+            out[plan.sample[r].item()].add((frozenset(patches), parts))
+    return [frozenset(s) for s in out]
+
+
+@torch.no_grad()
+def region_statistics(A, grid, alphas, n_regions=5, seed=0):
+    """Histogram of ranked regions per image and, per ablation flag, the share of plans it changes.
+
+    A: (n, P) raw saliency maps (saliency.saliency_map) of the held-out images, grid (h, w).
+    For each alpha: regions = saliency.regions_from_saliency(A, grid, N, alpha), then
+      hist[K]  = images with K ranked regions R_1..R_K (K = 0..N-1), ranked_mean = mean K;
+      differs[flag] = share of images whose DSeq plan under that flag differs from the default plan.
+    "Differs" means: the set of prediction steps (plan_steps: each target region with the context
+    it is predicted from, split by encoder level) is not the same set. Under this definition an
+    image with K <= 1 ranked regions (plan "R_1 -> background", or no DSeq plan at all) is changed
+    by no flag; flat and reverse change every image with K >= 2; replicate changes every image
+    with K >= 2 (its step 2 sees R_1 u R_2 as one level); regions=3 changes images with K >= 3
+    (R_3.. join the background); regions=7 those with K >= 5; random order (one seeded draw per
+    image) and raster order change an image when they reorder its ranked regions.
+    Returns {alpha: {"images", "hist", "ranked_mean", "differs": {flag: share}}}."""
+    n, N = A.shape[0], n_regions
+    out = {}
+    for alpha in alphas:
+        regions, _ = saliency.regions_from_saliency(A, grid, N, alpha)  # (n, P)
+        K = regions.masked_fill(regions >= N, 0).amax(1)  # (n,) ranked regions per image
+        default = plan_steps(masking.dseq_plan(regions, num_regions=N), n)
+        differs = {}
+        for flag, kw in ABLATIONS.items():
+            kw = dict(kw)
+            n_reg = kw.pop("n_regions", N)
+            if n_reg == N and flag.startswith("regions="):
+                continue  # the run's own N: not an ablation here
+            r = regions if n_reg == N else saliency.regions_from_saliency(A, grid, n_reg, alpha)[0]
+            plan = masking.dseq_plan(r, generator=torch.Generator().manual_seed(seed), num_regions=n_reg, **kw)
+            changed = [a != b for a, b in zip(plan_steps(plan, n), default)]
+            differs[flag] = sum(changed) / n
+        out[alpha] = {"images": n, "hist": torch.bincount(K, minlength=N).tolist(),
+                      "ranked_mean": K.float().mean().item(), "differs": differs}
+    return out
+
+
+@torch.no_grad()
+def saliency_maps(encoder, loader, args, device, autocast):
+    """Raw CLS saliency maps of the whole split: (N, P) fp32 on the CPU, in dataset order."""
+    maps = []
+    for images, _ in tqdm(loader, desc="saliency", leave=False, dynamic_ncols=True):
+        with autocast:
+            z = encoder.features(images.to(device), layers=(args.saliency_layer,))[0]  # (B, P, D)
+        maps.append(saliency.saliency_map(z.float(), encoder.cls_token).cpu())  # (B, P)
+    return torch.cat(maps)
+
+
+def print_region_table(stats, N):
+    """The regions eval as a text table: one row per alpha."""
+    flags = list(next(iter(stats.values()))["differs"])
+    head = f"{'alpha':>6} {'images':>6} " + " ".join(f"{'K=' + str(k):>6}" for k in range(N)) + f" {'mean K':>7}"
+    print("\nranked regions per held-out image (share of images with K ranked regions):\n" + head)
+    for alpha, s in stats.items():
+        print(f"{alpha:>6g} {s['images']:>6} " + " ".join(f"{c / s['images']:>6.3f}" for c in s["hist"])
+              + f" {s['ranked_mean']:>7.3f}")
+    print("\nshare of held-out images whose DSeq plan a flag changes:\n"
+          + f"{'alpha':>6} " + " ".join(f"{f:>21}" for f in flags))
+    for alpha, s in stats.items():
+        print(f"{alpha:>6g} " + " ".join(f"{s['differs'][f]:>21.3f}" for f in flags))
+
+
 def main(argv=None):
     """The command line (see the top of the file). Returns the report that is also written as JSON."""
     args, ckpt = resolve_config(argv)
@@ -889,20 +992,32 @@ def main(argv=None):
             add("picture", "saliency", metric, pic[metric], images=pic["images"])
         print(f"wrote {pic['path']}")
 
-    # 6. one JSON file per run, and a table
+    # 6. region statistics of the held-out split (the regions eval)
+    regions = None
+    if "regions" in evals:
+        alphas = [float(a) for a in (args.region_alphas or str(args.alpha)).split(",")]
+        loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
+        A = saliency_maps(encoder, loader, args, device, autocast)  # (N_val, P)
+        regions = region_statistics(A, encoder.grid, alphas, args.regions, args.seed)
+        for alpha, s in regions.items():
+            add("regions", "saliency", "ranked_regions_per_image", s["ranked_mean"], alpha=alpha, images=s["images"])
+        print_region_table(regions, args.regions)
+
+    # 7. one JSON file per run, and a table
     report = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "init": init,
               "checkpoint": args.checkpoint,
               "step": ckpt["step"] if ckpt else None,
               "data": {"dataset": args.dataset, "data_path": args.data_path, "bank_split": "train",
                        "eval_split": "val", "img_size": args.img_size},
-              "results": results, "probe": probe, "config": vars(args)}
+              "results": results, "probe": probe, "config": vars(args),
+              "regions": {str(a): s for a, s in regions.items()} if regions else None}
     path = os.path.join(args.out_dir, f"eval_{name}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1, default=str)
     print(f"\n{'eval':<10}{'features':<10}{'metric':<30}{'value':>10}")
     for r in results:
-        metric = r["metric"] + (f" (k={r['k']})" if "k" in r else "")
-        digits = 3 if r["eval"] == "picture" else 2  # shares in [0, 1] vs accuracies in percent
+        metric = r["metric"] + (f" (k={r['k']})" if "k" in r else "") + (f" (a={r['alpha']:g})" if "alpha" in r else "")
+        digits = 3 if r["eval"] in ("picture", "regions") else 2  # shares / counts vs accuracies in percent
         value = "n/a" if r["value"] is None else f"{r['value']:.{digits}f}"
         print(f"{r['eval']:<10}{r['features']:<10}{metric:<30}{value:>10}")
     if data.unreadable_images():  # each was named once when first met

@@ -150,11 +150,16 @@ def _rand(shape, generator, device):
 
 
 def _block_size(u, scale, aspect, grid, leave_one):
-    """Block height and width (0-dim int64 tensors) from two uniforms u (2,), as I-JEPA:
-    keep = floor(P * s) patches with s ~ U(scale), aspect h / w ~ U(aspect)."""
+    """Block height and width (0-dim int64 tensors) from ONE uniform u (0-dim), as the official
+    I-JEPA sampler: keep = floor(P * s) patches with s = lo + u (hi - lo) and aspect h / w =
+    lo + u (hi - lo) with the SAME u. Scale and aspect are therefore coupled (small blocks are
+    wide, large blocks tall): on a 14 x 14 grid the targets take only 5 distinct shapes, from 5 x 6
+    to 8 x 5, all within 0.15-0.2 of the grid. Two independent draws would give 10 shapes, some
+    outside that range (5 x 5 = 0.128, 7 x 6 = 0.214). We keep the official coupling: it is not
+    among the official faults, and it is the distribution the I-JEPA numbers were measured with."""
     H, W = grid
-    s = scale[0] + u[0] * (scale[1] - scale[0])
-    ar = aspect[0] + u[1] * (aspect[1] - aspect[0])
+    s = scale[0] + u * (scale[1] - scale[0])
+    ar = aspect[0] + u * (aspect[1] - aspect[0])
     keep = torch.floor(H * W * s)
     # The official code forces h < H and w < W (no full-height block); a full grid is allowed here.
     h = torch.round(torch.sqrt(keep * ar)).long().clamp(1, H)
@@ -165,24 +170,36 @@ def _block_size(u, scale, aspect, grid, leave_one):
     return h, w
 
 
+def official_min_context(num_patches):
+    """Smallest context the sampler accepts before retrying: the official I-JEPA config sets
+    min_keep = 10 and accepts a context of MORE than min_keep patches, i.e. >= 11, on grids of
+    14 x 14 (196 patches) and larger. On smaller grids 10 patches would be a large share of the
+    image (16 % of 8 x 8), so min_keep scales with the grid there: floor(10 * P / 196), which
+    gives >= 4 context patches on the demo's 8 x 8 grid and >= 1 on tiny test grids."""
+    return 1 + min(10, 10 * num_patches // 196)
+
+
 def sample_multiblock(batch_size, grid, generator=None, device="cpu", n_targets=4,
                       target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                       context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0),
-                      min_context=4, max_tries=8):
+                      min_context=None, max_tries=8):
     """I-JEPA multi-block masks: M target blocks and one context block per image, the targets cut
     out of the context (targets may overlap each other).
 
     grid (h, w); returns context (B, P) bool and targets (B, M, P) bool, P = h*w, on `device`.
 
-    Block size: one target size and one context size per batch, as the official sampler. Then every
-    image's target rows have the same length (no target padding) and the distribution of masks
-    matches the official one, minus its faults: here each block's top-left corner is uniform over
+    Block size: one target size and one context size per batch, as the official sampler (its
+    collator draws both once per batch; that is a design choice, not one of its faults, and it
+    keeps every image's target rows the same length, so no target padding). Scale and aspect of a
+    block come from one uniform (see _block_size). The distribution of masks matches the official
+    one, minus its faults: here each block's top-left corner is uniform over
     ALL valid positions (last row / column reachable, context not pinned to the top-left), a
     context may span the whole grid, and nothing is truncated to the batch minimum (plans pad).
 
     Retries, bounded and vectorised: `max_tries` placements are drawn for every image at once; an
-    image takes the first whose context keeps >= min_context patches, else the placement with the
-    largest context. If even that context is empty (only possible on tiny grids), the fallback
+    image takes the first whose context keeps >= min_context patches (default
+    official_min_context(P): > 10 patches on 14 x 14 grids, as the official min_keep = 10), else
+    the placement with the largest context. If even that context is empty (only possible on tiny grids), the fallback
     keeps target block 1 alone and makes every other patch context. A target block never covers
     the whole grid, so every image ends with >= 1 context patch and >= 1 target patch.
     No host sync; randomness only from `generator`.
@@ -193,9 +210,12 @@ def sample_multiblock(batch_size, grid, generator=None, device="cpu", n_targets=
         raise ValueError(f"need a grid of >= 2 patches (got {grid}), n_targets >= 1 (got {M}) and "
                          f"max_tries >= 1 (got {T})")
 
-    # 1. One block size per batch for the targets and one for the context.
-    th, tw = _block_size(_rand(2, generator, device), target_scale, target_aspect, grid, True)
-    ch, cw = _block_size(_rand(2, generator, device), context_scale, context_aspect, grid, False)
+    min_context = official_min_context(P) if min_context is None else min_context
+
+    # 1. One block size per batch for the targets and one for the context, one uniform each.
+    u = _rand(2, generator, device)  # (2,)
+    th, tw = _block_size(u[0], target_scale, target_aspect, grid, True)
+    ch, cw = _block_size(u[1], context_scale, context_aspect, grid, False)
     bh = torch.stack([th] * M + [ch])  # (M+1,) heights: M targets, then the context
     bw = torch.stack([tw] * M + [cw])  # (M+1,)
 

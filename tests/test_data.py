@@ -99,6 +99,33 @@ def test_synthetic_object_mask_is_where_the_object_colour_is(size):
         assert near < 0.1  # background and strokes rarely look like the object
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_synthetic_images_hold_3_or_4_separated_objects_of_different_sizes(size):
+    """Several salient things per image, so DSeq-JEPA's sequence has more than one step: 3-4 objects,
+    separate 8-connected components on the 8 x 8 grid (the demo's patch grid at 32 px / patch 4;
+    a cell counts if any pixel of an object lies in it), of different sizes: the class object
+    (slot 0) the largest on average, two more large ones, an optional small one. Checked with scipy's
+    labelling, not ours."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    ds, _ = data.build_dataset("synthetic", img_size=size, synthetic_size=200)
+    counts, areas = [], []
+    for i in range(200):
+        masks = ds.object_masks(i).numpy()  # (4, S, S)
+        present = masks.any((1, 2))
+        c = size // 8
+        cells = masks.reshape(4, 8, c, 8, c).any((2, 4))  # (4, 8, 8) cells an object touches
+        n_comp = ndimage.label(cells.any(0), structure=np.ones((3, 3)))[1]
+        assert n_comp == present.sum() and not (cells.sum(0) > 1).any()  # no two objects touch
+        touched = cells.sum((1, 2))  # (4,) cells of each object
+        assert present[:3].all() and touched[:3].min() >= 6 and touched[3] <= 6
+        assert torch.equal(ds.object_mask(i), torch.from_numpy(masks[0]))
+        counts.append(present.sum())
+        areas.append(np.where(present, masks.mean((1, 2)), np.nan))
+    counts, area = np.array(counts), np.nanmean(np.array(areas), 0)  # (4,) mean area of each slot
+    assert area[0] > max(area[1], area[2]) > min(area[1], area[2]) > 2 * area[3]  # A largest, D small
+    assert counts.min() == 3 and counts.max() == 4 and 3.2 < counts.mean() < 3.8
+
+
 def test_synthetic_is_fast():
     ds = data.SyntheticShapes("train", img_size=32, size=1000)
     t = time.perf_counter()

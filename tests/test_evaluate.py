@@ -489,3 +489,56 @@ def test_knn_monitor_under_two_gloo_processes_equals_one(tmp_path):
     a, b = json.load(open(single)), json.load(open(multi))
     assert a["n_query"] == b["n_query"] == 63 and a["n_bank"] == b["n_bank"] == 160
     assert a["top1"] == pytest.approx(b["top1"]) and a["top5"] == pytest.approx(b["top5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Region statistics (--eval regions): hand-made saliency maps with a known answer
+
+
+def blob_maps():
+    """Four 6 x 6 saliency maps: 0, 1, 2 and 3 separated 2 x 2 blobs on a zero background (the
+    blob values give the saliency ranking). Image 2 lists its most salient blob LAST in raster
+    order (raster order changes its plan); image 3 lists its blobs in saliency order."""
+    A = torch.zeros(4, 6, 6)
+    A[1, 0:2, 0:2] = 1.0
+    A[2, 0:2, 0:2], A[2, 4:6, 4:6] = 0.6, 1.0  # raster-first blob is the less salient one
+    A[3, 0:2, 0:2], A[3, 0:2, 4:6], A[3, 4:6, 0:2] = 1.0, 0.8, 0.6  # raster order = saliency order
+    return A.flatten(1)  # (4, 36)
+
+
+def test_region_statistics_histogram_and_which_flags_change_a_plan():
+    stats = evaluate.region_statistics(blob_maps(), (6, 6), alphas=[0.1, 0.2], n_regions=5)
+    low, high = stats[0.1], stats[0.2]  # a 2 x 2 blob is 4 patches: kept at 0.1 (>= 4), dropped at 0.2 (>= 8)
+    assert low["hist"] == [1, 1, 1, 1, 0] and low["ranked_mean"] == 1.5 and low["images"] == 4
+    assert high["hist"] == [4, 0, 0, 0, 0] and all(v == 0 for v in high["differs"].values())
+    d = low["differs"]
+    # K <= 1 plans never change; flat, reverse and replicate change both images with K >= 2
+    assert d["prediction=flat"] == d["region-order=reverse"] == d["dseq-pass=replicate"] == 0.5
+    assert d["region-order=raster"] == 0.25  # image 2 only
+    assert d["regions=3"] == 0.25 and d["regions=7"] == 0  # N = 3 keeps R_1, R_2: image 3 changes
+    assert d["region-order=random"] in (0, 0.25, 0.5)
+
+
+def test_plan_steps_tell_causal_from_replicate_only_with_two_context_regions():
+    regions = torch.tensor([[1, 1, 2, 2, 3, 3, 5, 5],   # R_1, R_2, R_3, background
+                            [1, 1, 5, 5, 5, 5, 5, 5]])  # R_1, background
+    causal = evaluate.plan_steps(masking.dseq_plan(regions, num_regions=5), 2)
+    replicate = evaluate.plan_steps(masking.dseq_plan(regions, mode="replicate", num_regions=5), 2)
+    f = frozenset
+    assert causal[0] == {(f({2, 3}), (f({0, 1}),)), (f({4, 5}), (f({0, 1}), f({2, 3}))),
+                         (f({6, 7}), (f({0, 1}), f({2, 3}), f({4, 5})))}
+    assert replicate[0] == {(f({2, 3}), (f({0, 1}),)), (f({4, 5}), (f({0, 1, 2, 3}),)),
+                            (f({6, 7}), (f({0, 1, 2, 3, 4, 5}),))}
+    assert causal[1] == replicate[1] == {(f(range(2, 8)), (f({0, 1}),))}
+
+
+def test_regions_eval_writes_histogram_and_table(trained, tmp_path, capsys):
+    _, ckpt_path = trained
+    report = evaluate.main(["--checkpoint", ckpt_path, "--eval", "regions", "--region-alphas", "0.05,0.15",
+                            "--num-val", "32", "--out-dir", str(tmp_path), "--eval-name", "reg",
+                            "--device", "cpu", "--num-workers", "0"])
+    saved = json.load(open(tmp_path / "eval_reg.json"))
+    assert set(saved["regions"]) == {"0.05", "0.15"} and report["regions"]["0.15"]["images"] == 32
+    for s in saved["regions"].values():
+        assert sum(s["hist"]) == s["images"] == 32 and set(s["differs"]) >= {"prediction=flat", "dseq-pass=replicate"}
+    assert "share of held-out images whose DSeq plan a flag changes" in capsys.readouterr().out

@@ -6,12 +6,14 @@ see" is a set computation over the plan's rows, compared with the paper's Eq. 5.
 """
 
 import itertools
+import math
 import random
 
 import pytest
 import torch
 
-from masking import Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, sample_multiblock
+from masking import (Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, official_min_context,
+                     sample_multiblock)
 
 torch.set_num_threads(1)
 
@@ -168,6 +170,52 @@ def test_block_scales_and_aspects_within_bounds():
         ctx, _ = sample_multiblock(8, grid, gen(seed), target_scale=(0.001, 0.001))
         (h, w), = {bbox(ctx[b], grid)[2:] for b in range(8)}
         assert h == w and 0.84 <= h * w / P <= 1.0
+
+
+def official_block_size(u, scale, aspect, H, W):
+    """The official I-JEPA size rule, written out independently in plain Python: ONE uniform u
+    sets both the scale and the aspect ratio; keep = int(H W s); h, w rounded from sqrt; blocks
+    shrunk below the full grid (that cap only matters for contexts, which we let span the grid)."""
+    s = scale[0] + u * (scale[1] - scale[0])
+    ar = aspect[0] + u * (aspect[1] - aspect[0])
+    keep = int(H * W * s)
+    h, w = int(round(math.sqrt(keep * ar))), int(round(math.sqrt(keep / ar)))
+    while h >= H:
+        h -= 1
+    while w >= W:
+        w -= 1
+    return h, w
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (16, 16), (8, 8), (28, 28)])
+def test_target_shapes_couple_scale_and_aspect_like_the_official_sampler(grid):
+    """Every target block shape the sampler draws is one the official rule (one uniform for scale
+    and aspect) can give, and every such shape is drawn. On 14 x 14 that is 5 shapes from 5 x 6
+    to 8 x 5; two independent draws would also give e.g. 5 x 5 (0.128) and 7 x 6 (0.214)."""
+    H, W = grid
+    official = {official_block_size(k / 20000, (0.15, 0.2), (0.75, 1.5), H, W) for k in range(20000)}
+    seen = set()
+    for seed in range(300):  # one size per batch: 300 batches, 300 draws of the size
+        _, tgt = sample_multiblock(2, grid, gen(seed))
+        seen.add(bbox(tgt[0, 0], grid)[2:])
+    assert seen == official
+    if grid == (14, 14):
+        assert official == {(5, 6), (6, 6), (6, 5), (7, 5), (8, 5)}
+        assert all(0.15 <= h * w / 196 <= 0.21 for h, w in official)
+
+
+def test_context_keeps_more_than_min_keep_10_patches_like_the_official_sampler():
+    """The official config sets min_keep = 10 and accepts a context of MORE than 10 patches; on a
+    14 x 14 grid our retries enforce the same (>= 11), where the old rule took >= 4. Settings
+    with large targets make a quarter of the first tries land at 4-10 context patches."""
+    assert official_min_context(196) == 11 and official_min_context(256) == 11
+    assert official_min_context(64) == 4 and official_min_context(4) == 1  # scaled on small grids
+    kw = dict(target_scale=(0.3, 0.3), context_scale=(0.4, 0.4))
+    first, _ = sample_multiblock(4000, (14, 14), gen(0), max_tries=1, **kw)
+    n = first.sum(1)
+    assert ((n >= 4) & (n <= 10)).float().mean() > 0.2  # the case the rule is about is common
+    ctx, _ = sample_multiblock(4000, (14, 14), gen(0), **kw)
+    assert ctx.sum(1).lt(11).float().mean() < 0.01  # only where all 8 tries fail (then the largest)
 
 
 def test_same_seed_same_masks():

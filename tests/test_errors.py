@@ -66,7 +66,7 @@ def run_dir(tmp_path_factory):
     (["--target-scale", "1.5", "2"], "--target-scale 1.5 2: need 0 < MIN <= MAX <= 1"),
     (["--context-scale", "0", "0"], "--context-scale 0 0"),
     (["--pred-depth", "0"], "--pred-depth and --pred-dim must be positive"),
-    (["--regions", "100"], "--regions 100 with --alpha 0.15: each ranked region needs 0.15"),
+    (["--regions", "100", "--alpha", "0.15"], "--regions 100 with --alpha 0.15: each ranked region needs 0.15"),
     (["--epochs", "0"], "--epochs 0 must be at least 1"),
     (["--epochs", "-1"], "--epochs -1 must be at least 1"),
     (["--stop-at-step", "-5"], "--stop-at-step must be >= 0"),

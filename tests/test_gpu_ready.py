@@ -18,10 +18,10 @@ TINY = ["--img-size", "16", "--patch-size", "4", "--model", "micro", "--pred-dim
         "--batch-size", "4", "--alpha", "0.1", "--device", "cpu", "--num-workers", "0"]
 
 
-def tiny_models(device="cpu"):
-    """Encoder (4 x 4 grid, width 16, depth 2 so block -2 exists for saliency), predictor, target."""
+def tiny_models(device="cpu", img_size=16):
+    """Encoder (4 x 4 grid at 16 px, width 16, depth 2 so block -2 exists for saliency), predictor, target."""
     torch.manual_seed(0)
-    enc = vit.VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    enc = vit.VisionTransformer(img_size=img_size, patch_size=4, embed_dim=16, depth=2, num_heads=2)
     pred = vit.predictor_for(enc, pred_dim=16, depth=1)
     return tuple(m.to(device) for m in (enc, pred, copy.deepcopy(enc).requires_grad_(False)))
 
@@ -108,8 +108,9 @@ def test_a_compiled_lambda_mixed_run_compiles_a_handful_of_graphs():
 
     torch._dynamo.reset()
     counters.clear()
-    args = train.parse_args(TINY + ["--compile"])
-    models = tiny_models()
+    # an 8 x 8 grid: on 4 x 4 the official-rule I-JEPA sampler has too few block shapes to vary the plans
+    args = train.parse_args(TINY + ["--compile", "--img-size", "32"])
+    models = tiny_models(img_size=32)
     compile_eager = functools.partial(torch.compile, backend="eager")  # dynamo's graph capture, no codegen
     real, torch.compile = torch.compile, compile_eager
     try:
@@ -120,7 +121,7 @@ def test_a_compiled_lambda_mixed_run_compiles_a_handful_of_graphs():
     shapes = set()
     try:
         for step in range(200):  # lambda from 0 to 1, as the curriculum: I-JEPA, mixed, DSeq plans
-            loss, plan, _ = train.train_step(step_models, torch.randn(4, 3, 16, 16), step / 200, args, g, noop)
+            loss, plan, _ = train.train_step(step_models, torch.randn(4, 3, 32, 32), step / 200, args, g, noop)
             loss.backward()
             shapes.add((plan.sample.shape[0], plan.ctx_idx.shape[1], plan.tgt_idx.shape[1], plan.ctx_full))
         graphs = counters["stats"]["unique_graphs"]

@@ -29,14 +29,6 @@ TINY = DATA + ["--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--b
                "--epochs", "1", "--knn-every", "0", "--alpha", "0.1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Everything here is tiny: with 2 threads on shared cores, OpenMP barriers dominate (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

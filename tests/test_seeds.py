@@ -5,7 +5,6 @@ import os
 import statistics
 
 import pytest
-import torch
 
 import evaluate
 import seeds
@@ -18,13 +17,6 @@ TRAIN = DATA + ["--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--
 EVAL = ["--eval", "knn,linear", "--features", "last", "--probe-epochs", "2", "--probe-lr", "0.1", "1",
         "--probe-wd", "0", "--device", "cpu"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_two_seeds_end_to_end_aggregate_and_skip_finished_work(tmp_path, monkeypatch):

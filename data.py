@@ -636,6 +636,8 @@ def _kill_workers_at_exit():
     (an error mid-epoch keeps it referenced from the traceback), multiprocessing's own exit hook
     sends its daemonic children SIGTERM and joins them: workers that ignore SIGTERM would make that
     join wait forever. At exit nobody needs a worker any more, so SIGKILL them first."""
+    if hasattr(signal, "SIGCHLD"):  # torch's SIGCHLD handler would report our own kill as a worker crash
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in multiprocessing.active_children():
         if p.daemon:  # DataLoader workers are daemonic; this program starts no other daemons
             p.kill()

@@ -14,14 +14,18 @@ import gpu_check  # noqa: E402
 @pytest.mark.slow
 def test_gpu_check_dry_mode_runs_every_stage(tmp_path):
     records = gpu_check.main(["--dry", "--out", str(tmp_path)])
-    assert [r["stage"] for r in records] == ["tests-cuda", "bench", "pretrain-dseq", "pretrain-ijepa"]
+    assert [r["stage"] for r in records] == ["tests-cuda", "bench", "pack", "pretrain-dseq", "pretrain-ijepa"]
     assert all(r["ok"] for r in records), [(r["stage"], r["tail"][-500:]) for r in records if not r["ok"]]
     for r in records:
         assert json.loads((tmp_path / f"{r['stage']}.json").read_text())["ok"]
     bench = json.loads((tmp_path / "bench_raw.json").read_text())
     assert {"ijepa", "causal+blobs", "replicate+blobs"} <= set(bench["rows"])
     assert all(r["knn_top1"] is not None for r in records if r["stage"].startswith("pretrain"))
+    pack = json.loads((tmp_path / "pack_bench.json").read_text())  # flex packing == padded SDPA, token for token
+    assert {(r["plan"], r["net"]) for r in pack["rows"]} >= {("dseq", "encoder"), ("mix", "predictor")}
+    assert all(r["flex"]["max_abs_err_vs_pad"] < 1e-4 for r in pack["rows"])
     table = (tmp_path / "summary.md").read_text()
+    assert "| 4 | dseq | predictor |" in table
     assert "| replicate+blobs |" in table and "| dseq |" in table and "| ijepa |" in table
 
 

@@ -595,6 +595,13 @@ def wrap_for_speed(models, args, world, device):
         ids = [device.index] if device.type == "cuda" else None
         encoder, predictor = DDP(encoder, device_ids=ids), DDP(predictor, device_ids=ids)
     if args.compile:
+        # Plan widths change from step to step, so torch.compile soon recompiles with a dynamic
+        # sequence length. On an H200 with torch 2.11 the backward of such a graph crashed in
+        # Inductor's "mix-order reduction" (LayerNorm-backward partial sums: "shape '[1408, 384]' is
+        # invalid for input of size 640"; results/gpu/, pytorch issue 186426). Turning that one fusion
+        # off costs a little backward speed and keeps dynamic shapes, so the graph count stays small.
+        import torch._inductor.config as inductor_config
+        inductor_config.triton.mix_order_reduction = False
         encoder, predictor = torch.compile(encoder), torch.compile(predictor)
         target_encoder.features = torch.compile(target_encoder.features)  # data-dependent saliency stays eager
     return encoder, predictor, target_encoder

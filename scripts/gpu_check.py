@@ -17,7 +17,7 @@ next one still runs):
                64 and 256, padded vs 4 sub-batches vs all tokens packed in one FlexAttention row
   4. fmnist-table  only if the Fashion-MNIST IDX files are in data/fashion-mnist (--fmnist): the
                README's seeds.py table (DSeq causal / replicate / I-JEPA / random init / pixels),
-               one process per seed at once
+               one process per configuration and seed at once
   (--dry runs a tiny CPU version of tests-cuda, bench and pack, plus two tiny pretrainings)
 Writes OUT/<stage>.json (command, return code, seconds, output tail, parsed numbers) and
 OUT/summary.md (the tables), OUT = results/gpu (results/gpu-dry with --dry).
@@ -62,16 +62,17 @@ def stages(args):
                        args.pack_limit, None)
         runs = None
         if os.path.isdir(os.path.join(ROOT, args.fmnist)):
-            # The README's Fashion-MNIST table (seeds.py), one process per seed at once (a micro ViT
-            # leaves the GPU mostly idle), then the same command over all seeds, which finds every
-            # run finished and writes the table: what a user reruns, one seed after the other.
+            # The README's Fashion-MNIST table (seeds.py): one process per configuration and seed
+            # at once (a micro ViT leaves an H200 mostly idle), then the same command over all
+            # seeds, which finds every run finished and writes the table: what a user reruns, one
+            # run after the other.
             table = (f"seeds.py --table fmnist --data-path {args.fmnist} --runs-dir {args.out}/runs-fmnist "
                      f"--results-dir {args.out} --train-extra=--no-compile")
-            per_seed = " & ".join(f"OMP_NUM_THREADS=4 {PY} {table} --seeds {s} > {args.out}/seed{s}.log 2>&1"
-                                  for s in args.fmnist_seeds)
+            jobs = [f"--only {c} --seeds {s}" for s in args.fmnist_seeds for c in ("dseq-causal", "dseq-replicate", "ijepa")]
+            jobs += [f"--only random-init pixels --seeds {s}" for s in args.fmnist_seeds]
+            par = " & ".join(f"OMP_NUM_THREADS=1 {PY} {table} {j} > {args.out}/job{i}.log 2>&1" for i, j in enumerate(jobs))
             seeds = " ".join(map(str, args.fmnist_seeds))
-            out["fmnist-table"] = (["bash", "-c", f"{per_seed} & wait; {PY} {table} --seeds {seeds}"],
-                                   args.table_limit, None)
+            out["fmnist-table"] = (["bash", "-c", f"{par} & wait; {PY} {table} --seeds {seeds}"], args.table_limit, None)
     if runs is not None:
         for method in ("dseq", "ijepa"):
             run_dir = os.path.join(args.out, f"pretrain-{method}")

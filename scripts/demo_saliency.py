@@ -84,11 +84,12 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     alphas = [float(a) for a in args.alphas.split(",")]
     rows = [diagnose(c, alphas, args.images) for c in args.checkpoints]
-    print(f"\n{'checkpoint':<44} {'K@' + str(alphas[-1]):>6} " + " ".join(f"{'K@' + str(a):>7}" for a in alphas[:-1])
+    print(f"\nmean ranked regions per held-out image (K) at each alpha; the rest at the run's alpha, {args.images} images")
+    print(f"{'checkpoint':<44} " + " ".join(f"{'K@' + str(a):>7}" for a in alphas)
           + "  pos_share  R1-on-obj (chance)  flat-bg K  cos(q,q0)")
     for r in rows:
         ks = [r["regions"][str(a)]["ranked_mean"] for a in alphas]
-        print(f"{r['checkpoint'][-44:]:<44} {ks[-1]:>6.2f} " + " ".join(f"{k:>7.2f}" for k in ks[:-1])
+        print(f"{r['checkpoint'][-44:]:<44} " + " ".join(f"{k:>7.2f}" for k in ks)
               + f"  {r['as_is']['positional_share']:>9.3f}  {r['as_is']['r1_on_object']:.2f} ({r['object_patches']:.2f})"
               + f"        {r['flat_background']['ranked_mean']:>5.2f}      {r['cls_cos_to_init']:.3f}")
     if args.json:

@@ -552,3 +552,20 @@ def test_regions_eval_writes_histogram_and_table(trained, tmp_path, capsys):
     assert "share of held-out images whose DSeq plan a flag changes" in capsys.readouterr().out
     share = [r["value"] for r in saved["results"] if r["metric"] == "positional_share"]
     assert len(share) == 1 and 0 <= share[0] <= 1
+
+
+def test_demo_saliency_script_agrees_with_the_regions_eval(trained, tmp_path):
+    """scripts/demo_saliency.py: its histograms are the regions eval's, its numbers are shares, and
+    the init it rebuilds from the run's seed is the one train.py trained from (10 steps move q little)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import demo_saliency
+    _, ckpt_path = trained
+    out = tmp_path / "d.json"
+    [row] = demo_saliency.main([ckpt_path, "--alphas", "0.1,0.2", "--images", "16", "--json", str(out)])
+    report = evaluate.main(["--checkpoint", ckpt_path, "--eval", "regions", "--region-alphas", "0.1,0.2",
+                            "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp_path), "--eval-name", "r"])
+    assert row["regions"] == json.loads(json.dumps(report["regions"]))
+    for part in ("as_is", "flat_background"):
+        assert 0 <= row[part]["positional_share"] <= 1 and 0 <= row[part]["r1_on_object"] <= 1
+    assert 0 < row["object_patches"] < 1 and row["cls_cos_to_init"] > 0.9
+    assert json.load(open(out))["command"].startswith("python scripts/demo_saliency.py")

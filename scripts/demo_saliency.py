@@ -11,6 +11,8 @@ For every checkpoint (trained demo runs, any method):
        next to object_patches, the share of ALL patches that do (what a region placed at random gets);
      - the same ranked-region count and positional share with the background painted flat grey
        (objects unchanged): does cleaner, higher-contrast data change the regions?
+     - the same with another query (NOT the paper's): each image's own CLS token output at block -2
+       instead of the CLS parameter; does a query that depends on the image find the objects?
   3. how far training moved the saliency query q = the CLS parameter: cos(q, q at init), with the
      init rebuilt from the run's seed exactly as train.py builds it (patch embedding for scale).
 Writes one JSON with the command. Runs on the CPU in a few minutes (9 demo checkpoints: ~3 min).
@@ -55,9 +57,19 @@ def diagnose(path, alphas, n_images):
     n, ph, pw = len(images), args.img_size // h, args.img_size // w
     object_patch = torch.from_numpy(on_object).view(n, h, ph, w, pw).any(4).any(2).flatten(1)  # (n, P)
     out = {"checkpoint": path, "regions": report["regions"], "object_patches": object_patch.float().mean().item()}
-    for name, x in (("as_is", images), ("flat_background", flat)):
-        z = encoder.features(data.normalize(torch.from_numpy(x)), layers=(args.saliency_layer,))[0]  # (n, P, D)
-        A = saliency.saliency_map(z, encoder.cls_token)  # (n, P)
+    def block_output(x):  # (n, 1 + P, D): block --saliency-layer after the final LayerNorm, CLS kept
+        t = encoder.embed(data.normalize(torch.from_numpy(x)))  # (n, 1 + P, D)
+        for block in encoder.blocks[: args.saliency_layer % encoder.depth + 1]:
+            t = block(t)
+        return encoder.norm(t)
+
+    for name, x in (("as_is", images), ("flat_background", flat), ("cls_output_query", images)):
+        t = block_output(x)  # (n, 1 + P, D)
+        z = t[:, 1:]  # (n, P, D), what encoder.features returns
+        if name == "cls_output_query":  # <cls_out, z_j> / sqrt(D): the query of each image
+            A = (z @ t[:, 0, :, None])[..., 0] / z.shape[-1] ** 0.5  # (n, P)
+        else:
+            A = saliency.saliency_map(z, encoder.cls_token)  # (n, P) Eq. 1's A, as in training
         stats = evaluate.region_statistics(A, (h, w), [args.alpha], args.regions)[args.alpha]
         regions, _ = saliency.regions_from_saliency(A, (h, w), args.regions, args.alpha)  # (n, P)
         top = regions == 1  # (n, P) R_1
@@ -86,12 +98,13 @@ def main(argv=None):
     rows = [diagnose(c, alphas, args.images) for c in args.checkpoints]
     print(f"\nmean ranked regions per held-out image (K) at each alpha; the rest at the run's alpha, {args.images} images")
     print(f"{'checkpoint':<44} " + " ".join(f"{'K@' + str(a):>7}" for a in alphas)
-          + "  pos_share  R1-on-obj (chance)  flat-bg K  cos(q,q0)")
+          + "  pos_share  R1-on-obj (chance)  flat-bg K  cls-out K  cls-out R1-on-obj  cos(q,q0)")
     for r in rows:
         ks = [r["regions"][str(a)]["ranked_mean"] for a in alphas]
         print(f"{r['checkpoint'][-44:]:<44} " + " ".join(f"{k:>7.2f}" for k in ks)
               + f"  {r['as_is']['positional_share']:>9.3f}  {r['as_is']['r1_on_object']:.2f} ({r['object_patches']:.2f})"
-              + f"        {r['flat_background']['ranked_mean']:>5.2f}      {r['cls_cos_to_init']:.3f}")
+              + f"        {r['flat_background']['ranked_mean']:>5.2f}      {r['cls_output_query']['ranked_mean']:>5.2f}"
+              + f"              {r['cls_output_query']['r1_on_object']:.2f}      {r['cls_cos_to_init']:.3f}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -565,7 +565,7 @@ def test_demo_saliency_script_agrees_with_the_regions_eval(trained, tmp_path):
     report = evaluate.main(["--checkpoint", ckpt_path, "--eval", "regions", "--region-alphas", "0.1,0.2",
                             "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp_path), "--eval-name", "r"])
     assert row["regions"] == json.loads(json.dumps(report["regions"]))
-    for part in ("as_is", "flat_background"):
+    for part in ("as_is", "flat_background", "cls_output_query"):
         assert 0 <= row[part]["positional_share"] <= 1 and 0 <= row[part]["r1_on_object"] <= 1
     assert 0 < row["object_patches"] < 1 and row["cls_cos_to_init"] > 0.9
     assert json.load(open(out))["command"].startswith("python scripts/demo_saliency.py")

@@ -855,8 +855,16 @@ def region_statistics(A, grid, alphas, n_regions=5, seed=0):
     with K >= 2 (its step 2 sees R_1 u R_2 as one level); regions=3 changes images with K >= 3
     (R_3.. join the background); regions=7 those with K >= 5; random order (one seeded draw per
     image) and raster order change an image when they reorder its ranked regions.
-    Returns {alpha: {"images", "hist", "ranked_mean", "differs": {flag: share}}}."""
+    Also, the same for every alpha, positional_share = the share of the variance of the Eq. 1 maps
+    A~ (n, P) that a map of position alone explains: sum_j n (mean_i A~_ij - mean A~)^2 / sum_ij
+    (A~_ij - mean A~)^2, the R^2 of "saliency = a fixed picture". Near 1, the regions are the same
+    patches in every image whatever it shows (a positional artefact, not discriminative regions).
+    Returns {alpha: {"images", "hist", "ranked_mean", "positional_share", "differs": {flag: share}}}."""
     n, N = A.shape[0], n_regions
+    An = saliency.normalise(A).double()  # (n, P) Eq. 1, what Otsu thresholds
+    dev = An - An.mean()  # (n, P)
+    between = n * (An.mean(0) - An.mean()).pow(2).sum()  # the per-position mean map's sum of squares
+    positional_share = (between / dev.pow(2).sum().clamp_min(1e-12)).item()
     out = {}
     for alpha in alphas:
         regions, _ = saliency.regions_from_saliency(A, grid, N, alpha)  # (n, P)
@@ -873,7 +881,8 @@ def region_statistics(A, grid, alphas, n_regions=5, seed=0):
             changed = [a != b for a, b in zip(plan_steps(plan, n), default)]
             differs[flag] = sum(changed) / n
         out[alpha] = {"images": n, "hist": torch.bincount(K, minlength=N).tolist(),
-                      "ranked_mean": K.float().mean().item(), "differs": differs}
+                      "ranked_mean": K.float().mean().item(), "positional_share": positional_share,
+                      "differs": differs}
     return out
 
 
@@ -896,6 +905,8 @@ def print_region_table(stats, N):
     for alpha, s in stats.items():
         print(f"{alpha:>6g} {s['images']:>6} " + " ".join(f"{c / s['images']:>6.3f}" for c in s["hist"])
               + f" {s['ranked_mean']:>7.3f}")
+    share = next(iter(stats.values()))["positional_share"]
+    print(f"positional share of the saliency variance (1 = the same map in every image): {share:.3f}")
     print("\nshare of held-out images whose DSeq plan a flag changes:\n"
           + f"{'alpha':>6} " + " ".join(f"{f:>21}" for f in flags))
     for alpha, s in stats.items():
@@ -1001,6 +1012,7 @@ def main(argv=None):
         regions = region_statistics(A, encoder.grid, alphas, args.regions, args.seed)
         for alpha, s in regions.items():
             add("regions", "saliency", "ranked_regions_per_image", s["ranked_mean"], alpha=alpha, images=s["images"])
+        add("regions", "saliency", "positional_share", s["positional_share"], images=s["images"])
         print_region_table(regions, args.regions)
 
     # 7. one JSON file per run, and a table

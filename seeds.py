@@ -3,6 +3,7 @@ Numbers with error bars: pretrain + evaluate named configurations over several s
 the mean +- std table.
 
     python seeds.py --table demo --seeds 0 1 2                          # the README's synthetic table
+    python seeds.py --table ablations --seeds 0 1 2                     # flat / order / replicate on the demo
     python seeds.py --table fmnist --seeds 0 1 --data-path ~/data/fmnist   # the Fashion-MNIST table
     python seeds.py --config my_table.json --seeds 0 1 2 --table mine   # your own configurations
 
@@ -40,6 +41,7 @@ FMNIST_MODEL = ["--preset", "fashion-mnist-tiny", "--data-path", "{data}", "--mo
 # The linear probe on cached, PCA-whitened features: the one probe here that reaches a converged fit on
 # frozen ViT features (evaluate.py --probe-whiten; the BatchNorm-only grid stays short of it).
 PROBE = ["--probe-whiten"]
+ABLATION_EVAL = ["--eval", "knn,linear,regions", *PROBE]  # regions: at the run's own alpha
 TABLES = {
     "demo": {  # python train.py (the demo preset), 6 epochs on the synthetic set
         "dseq-causal": {"train": ["--num-workers", "0"], "eval": ["--eval", "knn,linear,picture", *PROBE]},
@@ -48,6 +50,16 @@ TABLES = {
         "ijepa": {"train": ["--num-workers", "0", "--method", "ijepa"], "eval": ["--eval", "knn,linear,picture", *PROBE]},
         "random-init": {"train": None, "eval": ["--init", "random", "--num-workers", "0", "--eval", "knn,linear,picture", *PROBE]},
         "pixels": {"train": None, "eval": ["--pixels", "--num-workers", "0", "--eval", "knn,linear", *PROBE]},
+    },
+    # The paper's cheap table-4/5 rows on the demo (each a train.py ablation flag on the default DSeq-JEPA
+    # run); "ranked regions" shows how many plans could differ (with 1 ranked region per image, all rows
+    # build the same plan "R_1 -> background").
+    "ablations": {
+        "dseq-causal": {"train": ["--num-workers", "0"], "eval": ABLATION_EVAL},
+        "flat": {"train": ["--num-workers", "0", "--prediction", "flat"], "eval": ABLATION_EVAL},
+        "random-order": {"train": ["--num-workers", "0", "--region-order", "random"], "eval": ABLATION_EVAL},
+        "reverse-order": {"train": ["--num-workers", "0", "--region-order", "reverse"], "eval": ABLATION_EVAL},
+        "replicate": {"train": ["--num-workers", "0", "--dseq-pass", "replicate"], "eval": ABLATION_EVAL},
     },
     "fmnist": {  # the fashion-mnist-tiny preset shrunk to a 2-core CPU (README)
         "dseq-causal": {"train": FMNIST_TRAIN, "eval": ["--eval", "knn,linear", *PROBE]},
@@ -63,7 +75,8 @@ COLUMNS = [("kNN top-1", "knn", "last", "val_top1"),
            ("linear top-1 (last)", "linear", "last", "val_top1"),
            ("linear top-1 (concat4)", "linear", "concat4", "val_top1"),
            ("linear train top-1 (last)", "linear", "last", "train_top1"),
-           ("top-region overlap", "picture", "saliency", "top_region_object_overlap")]
+           ("top-region overlap", "picture", "saliency", "top_region_object_overlap"),
+           ("ranked regions", "regions", "saliency", "ranked_regions_per_image")]
 EVAL_NAME = "seeds"
 
 

@@ -511,6 +511,22 @@ def test_region_statistics_histogram_and_which_flags_change_a_plan():
     assert d["region-order=random"] in (0, 0.25, 0.5)
 
 
+def test_positional_share_is_the_variance_a_fixed_map_explains():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(36, generator=g)  # one fixed 6 x 6 "picture of position"
+    same = pos.expand(8, 36) * torch.linspace(1, 3, 8)[:, None]  # the same map at 8 scales: Eq. 1 undoes them
+    assert evaluate.region_statistics(same, (6, 6), [0.1])[0.1]["positional_share"] == pytest.approx(1, abs=1e-5)
+    for noise in (0.3, 3.0):
+        A = pos + noise * torch.rand(8, 36, generator=g)  # (8, 36)
+        # oracle: 1 - within-position sum of squares / total, on the Eq. 1 maps, in numpy
+        a = A.double().numpy()
+        a = (a - a.min(1, keepdims=True)) / (a.max(1, keepdims=True) - a.min(1, keepdims=True) + 1e-6)
+        oracle = 1 - ((a - a.mean(0)) ** 2).sum() / ((a - a.mean()) ** 2).sum()
+        share = evaluate.region_statistics(A, (6, 6), [0.1, 0.2])
+        assert share[0.1]["positional_share"] == share[0.2]["positional_share"] == pytest.approx(oracle, rel=1e-5)
+    assert 0 < share[0.1]["positional_share"] < 0.5  # mostly noise: position explains little
+
+
 def test_plan_steps_tell_causal_from_replicate_only_with_two_context_regions():
     regions = torch.tensor([[1, 1, 2, 2, 3, 3, 5, 5],   # R_1, R_2, R_3, background
                             [1, 1, 5, 5, 5, 5, 5, 5]])  # R_1, background
@@ -534,3 +550,22 @@ def test_regions_eval_writes_histogram_and_table(trained, tmp_path, capsys):
     for s in saved["regions"].values():
         assert sum(s["hist"]) == s["images"] == 32 and set(s["differs"]) >= {"prediction=flat", "dseq-pass=replicate"}
     assert "share of held-out images whose DSeq plan a flag changes" in capsys.readouterr().out
+    share = [r["value"] for r in saved["results"] if r["metric"] == "positional_share"]
+    assert len(share) == 1 and 0 <= share[0] <= 1
+
+
+def test_demo_saliency_script_agrees_with_the_regions_eval(trained, tmp_path):
+    """scripts/demo_saliency.py: its histograms are the regions eval's, its numbers are shares, and
+    the init it rebuilds from the run's seed is the one train.py trained from (10 steps move q little)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import demo_saliency
+    _, ckpt_path = trained
+    out = tmp_path / "d.json"
+    [row] = demo_saliency.main([ckpt_path, "--alphas", "0.1,0.2", "--images", "16", "--json", str(out)])
+    report = evaluate.main(["--checkpoint", ckpt_path, "--eval", "regions", "--region-alphas", "0.1,0.2",
+                            "--device", "cpu", "--num-workers", "0", "--out-dir", str(tmp_path), "--eval-name", "r"])
+    assert row["regions"] == json.loads(json.dumps(report["regions"]))
+    for part in ("as_is", "flat_background", "cls_output_query"):
+        assert 0 <= row[part]["positional_share"] <= 1 and 0 <= row[part]["r1_on_object"] <= 1
+    assert 0 < row["object_patches"] < 1 and row["cls_cos_to_init"] > 0.9
+    assert json.load(open(out))["command"].startswith("python scripts/demo_saliency.py")

@@ -82,3 +82,20 @@ def test_ties_are_differences_within_the_spread():
     per_seed = {0: {"kNN top-1": 1.0}, 1: {"kNN top-1": 2.0}, 2: {"kNN top-1": 6.0}}
     agg = seeds.aggregate(per_seed)["kNN top-1"]
     assert agg["mean"] == pytest.approx(3.0) and agg["std"] == pytest.approx(statistics.stdev([1, 2, 6]))
+
+
+def test_ablation_table_changes_one_flag_each_of_the_default_demo_run():
+    """The paper's cheap table-4/5 rows: every row is the default demo run plus ONE ablation flag."""
+    table = seeds.TABLES["ablations"]
+    assert table["dseq-causal"]["train"] == seeds.TABLES["demo"]["dseq-causal"]["train"]
+    keys = ("method", "prediction", "region_order", "dseq_pass", "regions", "alpha", "epochs", "preset")
+    parsed = {name: vars(train.parse_args(c["train"])) for name, c in table.items()}
+    default = {k: parsed["dseq-causal"][k] for k in keys}
+    assert default["method"] == "dseq" and default["preset"] == "demo"
+    expected = {"flat": ("prediction", "flat"), "random-order": ("region_order", "random"),
+                "reverse-order": ("region_order", "reverse"), "replicate": ("dseq_pass", "replicate")}
+    assert set(table) == {"dseq-causal", *expected}
+    for name, (key, value) in expected.items():
+        assert {k: parsed[name][k] for k in keys} == {**default, key: value}
+    for c in table.values():  # the demo table's probe, plus the ranked-region count
+        assert c["eval"][:2] == ["--eval", "knn,linear,regions"] and "--probe-whiten" in c["eval"]

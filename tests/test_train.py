@@ -267,7 +267,7 @@ def test_two_process_gloo_gradients_equal_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
     subprocess.run([sys.executable, str(script), str(single)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                     str(script), str(multi)], check=True, env=env, timeout=300)
     a, b = torch.load(single), torch.load(multi)
     assert len(a) == len(b)
@@ -279,7 +279,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     """The same script under torchrun (gloo on CPU): trains, only rank 0 writes, kNN at the end."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                     os.path.join(ROOT, "train.py"), *TINY, "--epochs", "1", "--out-dir", str(out)],
                    check=True, env=env, timeout=300, capture_output=True)
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]

@@ -428,3 +428,77 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
     return _pack(torch.cat([sample, b]), torch.cat([ctx_d, ctx_i]), torch.cat([tlvl_d, tlvl_i]),
                  torch.cat([tgrp_d, tgrp_i]), dseq, L, pad_multiple, keep,
                  torch.cat([sample * N + step, b * N]), geometric)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sub-batch packing: every token does work
+
+
+def split_plan(plan, k, pad_multiple=8, geometric=False):
+    """Cut a plan into at most k sub-plans of similar row lengths, each padded to its own widths.
+
+    A Plan pads every row to the widest one; rows differ a lot (I-JEPA contexts of 0.85-1 of the
+    grid minus the targets, DSeq contexts from one region to most of the image, mixed batches
+    both). Here the real rows are sorted by (context length, target length) and cut into <= k
+    contiguous runs that minimise the tokens computed by both networks,
+        sum over runs of rows * (Lc + (Lc + Lt))      (encoder Lc, predictor Lc + Lt),
+    Lc, Lt = pad_width of the run's longest context / target (the compile buckets with geometric),
+    found by dynamic programming over the cut points (numpy tables of <= (P + 1)^2, no loop per row).
+    A run with fewer computed tokens never costs more; ties keep fewer runs. Rows without any
+    token (replicate mode's compile padding) are dropped: they are never scored.
+
+    plan: a Plan with R rows; returns a list of Plans whose rows are plan's non-empty rows, each
+    exactly once, with columns [:Lc], [:Lt] of the same tokens (so the same levels, the same
+    masks, the same loss terms). dseq / n_regions stay per-sample (B,). k <= 1 returns [plan].
+    One host sync (row lengths), plus the copy of each run's row indices to the device.
+    """
+    if k <= 1:
+        return [plan]
+    import numpy as np
+
+    n_c, n_t = (plan.ctx_lvl > 0).sum(1), (plan.tgt_lvl > 0).sum(1)  # (R,) real tokens per row
+    top = plan.ctx_lvl.amax(1)  # (R,) highest context level of each row
+    n_c, n_t, top = torch.stack([n_c, n_t, top]).cpu().numpy()  # host sync: 3 x (R,)
+    rows = np.flatnonzero(n_c + n_t > 0)  # (R',) rows with at least one token
+    rows = rows[np.lexsort((n_t[rows], n_c[rows]))]  # (R',) by context length, then target length
+    c, t, R = n_c[rows], n_t[rows], len(rows)
+    if R == 0:
+        return [plan]
+    width = np.array([pad_width(n, pad_multiple, geometric) for n in range(max(c.max(), t.max()) + 1)])
+    # Candidate cut points: where the context length changes (a cut between two rows of equal
+    # context length can only shorten target lists; <= P + 1 candidates keep the tables small).
+    pos = np.flatnonzero(np.diff(c, prepend=-1, append=-1))  # (Q,) 0, change points, R
+    i, j = np.arange(len(pos))[:, None], np.arange(len(pos))[None, :]  # (Q, 1), (1, Q)
+    # Cost of the run rows[pos[i]:pos[j]] for every i < j: its longest context is c[pos[j] - 1]
+    # (sorted); its longest target list is a running maximum of t from pos[i].
+    t_from = np.where(np.arange(R)[None, :] >= pos[:-1, None], t[None, :], 0)  # (Q-1, R)
+    max_t = np.zeros((len(pos), len(pos)), dtype=np.int64)  # (Q, Q) [i, j] = max t[pos[i]:pos[j]]
+    max_t[:-1, 1:] = np.maximum.accumulate(t_from, axis=1)[:, pos[1:] - 1]
+    max_c = np.concatenate([[0], c[pos[1:] - 1]])[None, :]  # (1, Q) [j] = c[pos[j] - 1]
+    # torch.compile specialises a size-1 batch dimension (one more graph): runs of >= 2 rows then.
+    min_rows = 2 if geometric and R >= 2 else 1
+    rows_ij = pos[j] - pos[i]  # (Q, Q) rows in run i:j
+    cost = np.where(rows_ij >= min_rows, rows_ij * (2 * width[max_c] + width[max_t]), np.inf)  # (Q, Q)
+    # best[m][j]: least cost of rows[:pos[j]] in m runs; cut[m][j]: where its last run starts.
+    best, cut = [np.where(j[0] == 0, 0.0, np.inf)], [None]
+    for m in range(1, min(k, R) + 1):
+        total = best[-1][:, None] + cost  # (Q, Q) [i, j] = first m-1 runs end at i, last is i:j
+        cut.append(total.argmin(0))  # (Q,)
+        best.append(total.min(0))  # (Q,)
+    m = int(np.argmin([b[-1] for b in best]))  # first minimum: fewest runs at the least cost
+    bounds, end = [], len(pos) - 1
+    for level in range(m, 0, -1):
+        start = int(cut[level][end])
+        bounds.append((int(pos[start]), int(pos[end])))
+        end = start
+    parts = []
+    for start, end in reversed(bounds):
+        Lc, Lt = int(width[c[end - 1]]), int(width[t[start:end].max()])
+        Lc, Lt = min(Lc, plan.ctx_idx.shape[1]), min(Lt, plan.tgt_idx.shape[1])
+        idx = torch.as_tensor(rows[start:end], device=plan.sample.device)  # (r,) rows of this run
+        part = Plan(plan.sample[idx], plan.ctx_idx[idx, :Lc], plan.ctx_lvl[idx, :Lc],  # (r,), (r, Lc) x2
+                    plan.tgt_idx[idx, :Lt], plan.tgt_lvl[idx, :Lt], plan.tgt_grp[idx, :Lt],  # (r, Lt) x3
+                    plan.dseq, plan.n_regions)
+        part.ctx_full = bool((c[start:end] == Lc).all() and (top[rows[start:end]] <= 1).all())
+        parts.append(part)
+    return parts

@@ -506,7 +506,10 @@ def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric):
     plan = make_plan(regions, lam, gen(1), grid, mode=mode, num_regions=5, geometric=geometric)
     parts = split_plan(plan, k, geometric=geometric)
     assert 1 < len(parts) <= k  # rows of these plans differ in length: a split pays
-    expected = sorted(map(repr, (r for r in read_rows(plan) if r[1] or r[2])))  # non-empty rows
+    rows = read_rows(plan)
+    # the per-row counts read in the plan's one host sync are the oracle's
+    assert plan.row_tokens[:2].T.tolist() == [[len(c), len(t)] for _, c, t in rows]
+    expected = sorted(map(repr, (r for r in rows if r[1] or r[2])))  # non-empty rows
     got = sorted(repr(r) for p in parts for r in read_rows(p))
     assert got == expected
     for p in parts:

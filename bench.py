@@ -226,7 +226,8 @@ def pack_tokens(targs, models, batch_sizes, device):
 
 def pack_time(args, targs, device, autocast):
     """Step time at batch --pack-time-batch, --pack-splits K vs 1, for I-JEPA and causal+blobs (the
-    worst DSeq causal plan), round-robin in one process as the main table; medians. "excess" =
+    worst DSeq causal plan), round-robin in one process as the main table; medians of the process CPU
+    time on a CPU (other jobs on the machine barely move it), of wall time on CUDA. "excess" =
     (time / I-JEPA time) / (real-token GFLOPs / I-JEPA's) - 1: what a plan costs beyond its real tokens."""
     B, K = args.pack_time_batch, targs.pack_splits
     targs = argparse.Namespace(**{**vars(targs), "batch_size": B, "num_train": max(targs.num_train, 2 * B)})
@@ -247,11 +248,11 @@ def pack_time(args, targs, device, autocast):
         for i in range(len(names)):
             name = names[(rnd + i) % len(names)]
             sync()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             plan = full_step(models, step_models, optimizer, images, cfgs[name], maps, autocast)
             sync()
-            if rnd > 0:
-                times[name].append(time.perf_counter() - t)
+            if rnd > 0:  # CPU: process CPU time (robust to other jobs on the machine); CUDA: wall clock
+                times[name].append(time.perf_counter() - t if device.type == "cuda" else time.process_time() - c)
                 flops[name] = plan_numbers(plan, B, models[0], models[1], targs.patch_size)["gflop_img"]
     out = {"batch": B, "splits": K, "steps": args.pack_steps}
     for name in names:

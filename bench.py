@@ -94,6 +94,12 @@ def get_parser():
                    "(default on CUDA with bf16: H100/H200 SXM 989, A100 312 dense bf16)")
     p.add_argument("--loader-images", type=int, default=64, help="JPEGs (500 x 375, made in a temp folder) "
                    "for the loader's img/s/core (0 = skip)")
+    p.add_argument("--pack-batches", type=int, nargs="*", default=[8, 64, 256],
+                   help="batch sizes for the padding table: real / computed tokens of both networks, with and "
+                        "without --pack-splits (none = skip)")
+    p.add_argument("--pack-time-batch", type=int, default=64,
+                   help="batch of the step-time comparison, --pack-splits K vs 1, I-JEPA and causal+blobs (0 = skip)")
+    p.add_argument("--pack-steps", type=int, default=3, help="timed rounds of that comparison (after 1 warm-up)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--official-cost", action="store_true",
                    help="only the analytic FLOPs of the official DSeq step structure vs an I-JEPA step (no timing)")
@@ -163,18 +169,102 @@ def full_step(models, step_models, optimizer, images, cfg, maps, autocast):
     return plan
 
 
-def plan_numbers(plan, B, enc, pred, patch):
-    """Tokens per image (real / padded) and model GFLOPs per image from the plan (docstring 4)."""
+def computed_tokens(parts):
+    """Tokens the context encoder and the predictor compute for a list of (sub-)plans, padding included."""
+    enc = sum(p.ctx_idx.numel() for p in parts)  # rows x Lc per sub-batch
+    return enc, enc + sum(p.tgt_idx.numel() for p in parts)  # predictor: rows x (Lc + Lt)
+
+
+def plan_numbers(plan, B, enc, pred, patch, splits=1, geometric=False):
+    """Tokens per image (real / computed, after masking.split_plan into `splits` sub-batches) and
+    model GFLOPs per image from the plan's real tokens (docstring 4)."""
     n_c, n_t = (plan.ctx_lvl > 0).sum(1).double(), (plan.tgt_lvl > 0).sum(1).double()  # (R,) each
-    R, Lc, Lt = plan.sample.shape[0], plan.ctx_idx.shape[1], plan.tgt_idx.shape[1]
+    enc_pad, pred_pad = computed_tokens(masking.split_plan(plan, splits, geometric=geometric))
     D, depth, Dp, pdepth, P = enc.embed_dim, enc.depth, pred.pred_dim, len(pred.blocks), enc.num_patches
     block = lambda L, d: 24 * L * d * d + 4 * L * L * d
     embed = 2 * P * 3 * patch * patch * D
     rows = embed + depth * block(n_c + 1, D) + 2 * n_c * D * Dp + pdepth * block(n_c + n_t, Dp) + 2 * n_t * Dp * D
     flops = 3 * rows.sum().item() + B * (embed + depth * block(P + 1, D))
-    return dict(enc_real=n_c.sum().item() / B, enc_pad=R * Lc / B, pred_real=(n_c + n_t).sum().item() / B,
-                pred_pad=R * (Lc + Lt) / B, gflop_img=flops / B / 1e9, dseq=plan.dseq.float().mean().item(),
+    return dict(enc_real=n_c.sum().item() / B, enc_pad=enc_pad / B, pred_real=(n_c + n_t).sum().item() / B,
+                pred_pad=pred_pad / B, gflop_img=flops / B / 1e9, dseq=plan.dseq.float().mean().item(),
                 regions=plan.n_regions.float().mean().item())
+
+
+PACK_PLANS = (("ijepa", 0.0, "own"), ("causal", 1.0, "own"), ("causal+blobs", 1.0, "blobs"), ("mix", 0.5, "own"),
+              ("mix+blobs", 0.5, "blobs"))  # name, lambda, regions (the encoder's own saliency or blob maps)
+
+
+def pack_tokens(targs, models, batch_sizes, device):
+    """Padding waste (docstring 7): for each batch size and plan kind, real and computed tokens of the
+    context encoder and the predictor per image, one padded batch (--pack-splits 1) vs the split."""
+    enc, _, target_encoder = models
+    grid, K, geo = enc.grid, targs.pack_splits, bool(targs.compile)
+    dseq_args = argparse.Namespace(**{**vars(targs), "method": "dseq", "dseq_pass": "causal"})
+    gen = torch.Generator(device=device).manual_seed(targs.seed)
+    out = {}
+    for B in batch_sizes:
+        loader_args = argparse.Namespace(**{**vars(targs), "num_train": max(targs.num_train, B)})
+        images = next(iter(data.build_train_loader(loader_args, B, 0, 1, "cpu")))[0].to(device)  # (B, 3, H, W)
+        with torch.no_grad():
+            own = train.make_targets(target_encoder, images, dseq_args)[1]  # (B, P) untrained saliency
+        A = blob_maps(B, grid, torch.Generator().manual_seed(targs.seed)).to(device)  # (B, P)
+        maps = {"own": own, "blobs": saliency.regions_from_saliency(A, grid, targs.regions, targs.alpha)[0]}
+        for name, lam, source in PACK_PLANS:
+            plan = train.make_plan(None if lam == 0 else maps[source], lam, gen, grid, dseq_args, B, device)
+            real_c = (plan.ctx_lvl > 0).sum().item()  # real context tokens of the batch
+            real_p = real_c + (plan.tgt_lvl > 0).sum().item()  # predictor: context + target tokens
+            row = {"batch": B, "plan": name, "dseq": plan.dseq.float().mean().item(),
+                   "enc_real": real_c / B, "pred_real": real_p / B}
+            for k in sorted({1, K}):
+                parts = masking.split_plan(plan, k, geometric=geo)
+                enc_c, pred_c = computed_tokens(parts)
+                row[f"k{k}"] = {"sub_batches": len(parts), "enc_computed": enc_c / B, "pred_computed": pred_c / B,
+                                "enc_waste": 1 - real_c / enc_c, "pred_waste": 1 - real_p / pred_c}
+            out[f"{name}@{B}"] = row
+    return out
+
+
+def pack_time(args, targs, device, autocast):
+    """Step time at batch --pack-time-batch, --pack-splits K vs 1, for I-JEPA and causal+blobs (the
+    worst DSeq causal plan), round-robin in one process as the main table; medians of the process CPU
+    time on a CPU (other jobs on the machine barely move it), of wall time on CUDA. "excess" =
+    (time / I-JEPA time) / (real-token GFLOPs / I-JEPA's) - 1: what a plan costs beyond its real tokens."""
+    B, K = args.pack_time_batch, targs.pack_splits
+    targs = argparse.Namespace(**{**vars(targs), "batch_size": B, "num_train": max(targs.num_train, 2 * B)})
+    models, step_models, optimizer, _ = setup(argparse.Namespace(**{**vars(args), "maps": "blobs"}), targs, device)
+    images = next(iter(data.build_train_loader(targs, B, 0, 1, "cpu")))[0].to(device)  # (B, 3, H, W)
+    maps = blob_maps(B, models[0].grid, torch.Generator().manual_seed(targs.seed)).to(device)  # (B, P)
+    cfgs = {}
+    for name in ("ijepa", "causal+blobs"):
+        method, lam, dseq_pass, blobs = CONFIGS[name]
+        for k in sorted({1, K}):
+            cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass, "pack_splits": k})
+            cfgs[f"{name} k{k}"] = dict(args=cargs, lam=lam, blobs=blobs,
+                                        gen=torch.Generator(device=device).manual_seed(targs.seed))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, flops = {n: [] for n in cfgs}, {}
+    names = list(cfgs)
+    for rnd in range(1 + args.pack_steps):
+        for i in range(len(names)):
+            name = names[(rnd + i) % len(names)]
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            plan = full_step(models, step_models, optimizer, images, cfgs[name], maps, autocast)
+            sync()
+            if rnd > 0:  # CPU: process CPU time (robust to other jobs on the machine); CUDA: wall clock
+                times[name].append(time.perf_counter() - t if device.type == "cuda" else time.process_time() - c)
+                flops[name] = plan_numbers(plan, B, models[0], models[1], targs.patch_size)["gflop_img"]
+    out = {"batch": B, "splits": K, "steps": args.pack_steps}
+    for name in names:
+        out[name] = {"ms": 1e3 * statistics.median(times[name]), "gflop_img": flops[name]}
+    for name in names:
+        base = "ijepa k" + name.rsplit("k", 1)[1]
+        r = out[name]
+        r["x_ijepa"] = r["ms"] / out[base]["ms"]
+        r["excess"] = r["x_ijepa"] / (r["gflop_img"] / out[base]["gflop_img"]) - 1
+    for name in ("ijepa", "causal+blobs"):
+        out[f"{name} split/unsplit"] = out[f"{name} k{K}"]["ms"] / out[f"{name} k1"]["ms"]
+    return out
 
 
 def status_mib(key):  # a field of /proc/self/status, kB -> MiB
@@ -400,7 +490,8 @@ def main(argv=None):
             if rnd >= warmup:
                 res[name]["wall"].append(time.perf_counter() - t)
                 res[name]["cpu"].append(time.process_time() - c)
-                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size))
+                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size,
+                                                       targs.pack_splits, bool(targs.compile)))
                 if device.type == "cuda":
                     res[name]["mem"].append(torch.cuda.max_memory_allocated(device) / 2**20)
 
@@ -463,6 +554,27 @@ def main(argv=None):
               f"speed-up {sal['speedup']:.1f}x (outputs identical; {100 * sal['share_with_ranked_region']:.0f} % "
               f"of maps have a ranked region)")
 
+    # --- padding: real / computed tokens with and without sub-batches, and the step time they buy
+    pack = {"tokens": pack_tokens(targs, models, args.pack_batches, device)} if args.pack_batches else {}
+    if pack:
+        K = targs.pack_splits
+        print(f"\npadding waste (share of computed tokens that are padding), context encoder / predictor, "
+              f"one padded batch vs --pack-splits {K}; grid {grid[0]}x{grid[1]}")
+        for key, r in pack["tokens"].items():
+            one, split = r["k1"], r[f"k{K}"]
+            print(f"{key:18} dseq {r['dseq']:4.2f}  real {r['enc_real']:5.1f} / {r['pred_real']:5.1f}   "
+                  f"k1 {100 * one['enc_waste']:4.1f} % / {100 * one['pred_waste']:4.1f} %   "
+                  f"k{K} ({split['sub_batches']} sub-batches) {100 * split['enc_waste']:4.1f} % / "
+                  f"{100 * split['pred_waste']:4.1f} %")
+    if args.pack_time_batch:
+        pack["time"] = t = pack_time(args, targs, device, autocast)
+        K = targs.pack_splits
+        print(f"\nstep time at batch {t['batch']}, median of {t['steps']} rounds: " + "; ".join(
+            f"{n} {t[n]['ms']:.0f} ms (x{t[n]['x_ijepa']:.2f} I-JEPA, {100 * t[n]['excess']:+.1f} % over its real "
+            f"tokens)" for n in t if isinstance(t[n], dict)))
+        print(f"split / one padded batch: I-JEPA {t['ijepa split/unsplit']:.2f}, causal+blobs "
+              f"{t['causal+blobs split/unsplit']:.2f}")
+
     # --- loader: img/s per core of the ImageFolder pipeline on JPEGs
     loader = bench_loader(args.loader_images, 3) if args.loader_images else {"skipped": "--loader-images 0"}
     if "skipped" not in loader:
@@ -479,11 +591,17 @@ def main(argv=None):
             checks[f"{name} <= 1.2x ijepa ({k})"] = rows[name][f"ratio_{k}"] <= 1.2
     if "speedup" in sal:
         checks["saliency >= 20x opencv"] = sal["speedup"] >= 20
+    K = targs.pack_splits
+    for key, r in pack.get("tokens", {}).items():
+        if r["batch"] >= 64:
+            checks[f"{key} padding <= 10 %"] = max(r[f"k{K}"]["enc_waste"], r[f"k{K}"]["pred_waste"]) <= 0.10
+    if "time" in pack:
+        checks["causal+blobs <= 5 % over its real tokens"] = pack["time"][f"causal+blobs k{K}"]["excess"] <= 0.05
     print("targets: " + "; ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in checks.items()))
     result = {**info, "config": {k: getattr(targs, k) for k in ("model", "img_size", "patch_size", "batch_size",
-              "pred_dim", "pred_depth", "regions", "alpha", "compile")}, "amp": amp, "steps": args.steps,
+              "pred_dim", "pred_depth", "regions", "alpha", "compile", "pack_splits")}, "amp": amp, "steps": args.steps,
               "warmup": warmup, "memory": mem_kind, "peak_tflops": args.peak_tflops, "rows": rows,
-              "saliency": sal, "loader": loader, "targets": checks}
+              "saliency": sal, "packing": pack, "loader": loader, "targets": checks}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -53,6 +53,7 @@ class Plan:
     """
 
     ctx_full = False  # a plain attribute, set by _pack; dataclass fields stay tensors only
+    row_tokens = None  # plain attribute, set by _pack: (3, R) host tensor for split_plan, or None
 
     sample: torch.Tensor
     ctx_idx: torch.Tensor
@@ -65,7 +66,7 @@ class Plan:
 
     def to(self, device):  # e.g. a plan built on the CPU for a CUDA step
         plan = Plan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-        plan.ctx_full = self.ctx_full
+        plan.ctx_full, plan.row_tokens = self.ctx_full, self.row_tokens
         return plan
 
 
@@ -103,9 +104,17 @@ def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row
     widths = [F.pad(n * keep, (0, 1)).max() for n in (n_ctx, n_tgt)]
     shortest = F.pad(torch.where(keep, n_ctx, _BIG), (0, 1), value=_BIG).min()
     top_level = F.pad((ctx * keep[:, None]).flatten(), (0, 1)).max()
-    R, Lc, Lt, shortest, top_level = torch.stack([keep.sum()] + widths + [shortest, top_level]).tolist()
-    if row_key is not None:  # replicate mode: keep R of the C candidate rows, in row_key order
+    # The per-row token counts and top levels ride along in the same read, for split_plan.
+    key = torch.zeros_like(n_ctx) if row_key is None else torch.where(keep, row_key, _BIG)  # (C,)
+    numbers = torch.cat([torch.stack([keep.sum()] + widths + [shortest, top_level]),
+                         n_ctx, n_tgt, ctx.amax(1), key]).tolist()
+    R, Lc, Lt, shortest, top_level = numbers[:5]
+    per_row = torch.tensor(numbers[5:]).view(4, C)  # (4, C) on the host: n_ctx, n_tgt, top level, key
+    if row_key is None:
+        per_row = per_row[:3]  # (3, R)
+    else:  # replicate mode: keep R of the C candidate rows, in row_key order (unique keys: any sort agrees)
         rows = torch.where(keep, row_key, _BIG).argsort()[:R]  # (R,)
+        per_row = per_row[:3, per_row[3].argsort()[:R]]  # (3, R) the same rows, read on the host
         sample, ctx, tlvl, tgrp = sample[rows], ctx[rows], tlvl[rows], tgrp[rows]
         n_ctx, n_tgt = n_ctx[rows], n_tgt[rows]
         if geometric and pad_width(R, pad_multiple, True) > R:  # empty rows: level 0 everywhere
@@ -114,6 +123,7 @@ def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row
             ctx, n_ctx, n_tgt = F.pad(ctx, (0, 0, 0, extra)), F.pad(n_ctx, (0, extra)), F.pad(n_tgt, (0, extra))
             tlvl, tgrp = F.pad(tlvl, (0, 0, 0, 0, 0, extra)), F.pad(tgrp, (0, 0, 0, 0, 0, extra))  # (R', S, P)
             shortest = 0
+            per_row = F.pad(per_row, (0, extra))  # (3, R'): empty rows, no tokens
     Lc, Lt = pad_width(Lc, pad_multiple, geometric), pad_width(Lt, pad_multiple, geometric)
 
     # Context tokens: key = level-major, raster within a level (the causal mask is then
@@ -135,6 +145,7 @@ def _pack(sample, ctx, tlvl, tgrp, dseq, n_regions, pad_multiple, keep=None, row
     tgt_idx = torch.where(valid, order % P, 0)  # (R, Lt) slot * P + patch -> patch
     plan = Plan(sample, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp, dseq, n_regions)
     plan.ctx_full = shortest == Lc and top_level <= 1  # one level, no padding: no mask needed
+    plan.row_tokens = per_row  # (3, R) host int64: real context / target tokens, top context level
     return plan
 
 
@@ -428,3 +439,84 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
     return _pack(torch.cat([sample, b]), torch.cat([ctx_d, ctx_i]), torch.cat([tlvl_d, tlvl_i]),
                  torch.cat([tgrp_d, tgrp_i]), dseq, L, pad_multiple, keep,
                  torch.cat([sample * N + step, b * N]), geometric)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sub-batch packing: every token does work
+
+
+def split_plan(plan, k, pad_multiple=8, geometric=False):
+    """Cut a plan into at most k sub-plans of similar row lengths, each padded to its own widths.
+
+    A Plan pads every row to the widest one; rows differ a lot (I-JEPA contexts of 0.85-1 of the
+    grid minus the targets, DSeq contexts from one region to most of the image, mixed batches
+    both). Here the real rows are sorted by (context length, target length) and cut into <= k
+    contiguous runs that minimise the tokens computed by both networks,
+        sum over runs of rows * (Lc + (Lc + Lt))      (encoder Lc, predictor Lc + Lt),
+    Lc, Lt = pad_width of the run's longest context / target (the compile buckets with geometric),
+    found by dynamic programming over the cut points (numpy tables of <= (P + 1)^2, no loop per row).
+    A run with fewer computed tokens never costs more; ties keep fewer runs. Rows without any
+    token (replicate mode's compile padding) are dropped: they are never scored.
+
+    plan: a Plan with R rows; returns a list of Plans whose rows are plan's non-empty rows, each
+    exactly once, with columns [:Lc], [:Lt] of the same tokens (so the same levels, the same
+    masks, the same loss terms). dseq / n_regions stay per-sample (B,). k <= 1 returns [plan].
+    No host sync for plans from _pack (it reads the row lengths in the plan's one sync); the runs'
+    row indices go to the device in one non-blocking copy.
+    """
+    if k <= 1:
+        return [plan]
+    import numpy as np
+
+    if plan.row_tokens is not None:  # read by _pack in the plan's one host sync
+        n_c, n_t, top = plan.row_tokens.numpy()  # 3 x (R,)
+    else:  # a plan made by hand: one host sync here
+        n_c, n_t = (plan.ctx_lvl > 0).sum(1), (plan.tgt_lvl > 0).sum(1)  # (R,) real tokens per row
+        top = plan.ctx_lvl.amax(1)  # (R,) highest context level of each row
+        n_c, n_t, top = torch.stack([n_c, n_t, top]).cpu().numpy()  # 3 x (R,)
+    rows = np.flatnonzero(n_c + n_t > 0)  # (R',) rows with at least one token
+    rows = rows[np.lexsort((n_t[rows], n_c[rows]))]  # (R',) by context length, then target length
+    c, t, R = n_c[rows], n_t[rows], len(rows)
+    if R == 0:
+        return [plan]
+    width = np.array([pad_width(n, pad_multiple, geometric) for n in range(max(c.max(), t.max()) + 1)])
+    # Candidate cut points: where the context length changes (a cut between two rows of equal
+    # context length can only shorten target lists; <= P + 1 candidates keep the tables small).
+    pos = np.flatnonzero(np.diff(c, prepend=-1, append=-1))  # (Q,) 0, change points, R
+    i, j = np.arange(len(pos))[:, None], np.arange(len(pos))[None, :]  # (Q, 1), (1, Q)
+    # Cost of the run rows[pos[i]:pos[j]] for every i < j: its longest context is c[pos[j] - 1]
+    # (sorted); its longest target list is a running maximum of t from pos[i].
+    t_from = np.where(np.arange(R)[None, :] >= pos[:-1, None], t[None, :], 0)  # (Q-1, R)
+    max_t = np.zeros((len(pos), len(pos)), dtype=np.int64)  # (Q, Q) [i, j] = max t[pos[i]:pos[j]]
+    max_t[:-1, 1:] = np.maximum.accumulate(t_from, axis=1)[:, pos[1:] - 1]
+    max_c = np.concatenate([[0], c[pos[1:] - 1]])[None, :]  # (1, Q) [j] = c[pos[j] - 1]
+    # torch.compile specialises a size-1 batch dimension (one more graph): runs of >= 2 rows then.
+    min_rows = 2 if geometric and R >= 2 else 1
+    rows_ij = pos[j] - pos[i]  # (Q, Q) rows in run i:j
+    cost = np.where(rows_ij >= min_rows, rows_ij * (2 * width[max_c] + width[max_t]), np.inf)  # (Q, Q)
+    # best[m][j]: least cost of rows[:pos[j]] in m runs; cut[m][j]: where its last run starts.
+    best, cut = [np.where(j[0] == 0, 0.0, np.inf)], [None]
+    for m in range(1, min(k, R) + 1):
+        total = best[-1][:, None] + cost  # (Q, Q) [i, j] = first m-1 runs end at i, last is i:j
+        cut.append(total.argmin(0))  # (Q,)
+        best.append(total.min(0))  # (Q,)
+    m = int(np.argmin([b[-1] for b in best]))  # first minimum: fewest runs at the least cost
+    bounds, end = [], len(pos) - 1
+    for level in range(m, 0, -1):
+        start = int(cut[level][end])
+        bounds.append((int(pos[start]), int(pos[end])))
+        end = start
+    order = torch.from_numpy(rows)  # (R',) all runs' rows, copied to the device at once
+    if plan.sample.is_cuda:  # pinned + non_blocking: the copy does not wait for the device
+        order = order.pin_memory().to(plan.sample.device, non_blocking=True)
+    parts = []
+    for start, end in reversed(bounds):
+        Lc, Lt = int(width[c[end - 1]]), int(width[t[start:end].max()])
+        Lc, Lt = min(Lc, plan.ctx_idx.shape[1]), min(Lt, plan.tgt_idx.shape[1])
+        idx = order[start:end]  # (r,) rows of this run
+        part = Plan(plan.sample[idx], plan.ctx_idx[idx, :Lc], plan.ctx_lvl[idx, :Lc],  # (r,), (r, Lc) x2
+                    plan.tgt_idx[idx, :Lt], plan.tgt_lvl[idx, :Lt], plan.tgt_grp[idx, :Lt],  # (r, Lt) x3
+                    plan.dseq, plan.n_regions)
+        part.ctx_full = bool((c[start:end] == Lc).all() and (top[rows[start:end]] <= 1).all())
+        parts.append(part)
+    return parts

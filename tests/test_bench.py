@@ -8,7 +8,8 @@ import bench
 
 TOY = ["--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
        "--batch-size", "4", "--alpha", "0.1", "--device", "cpu", "--steps", "2", "--warmup", "0",
-       "--no-memory", "--sal-batch", "16", "--sal-repeats", "1", "--loader-images", "4"]
+       "--no-memory", "--sal-batch", "16", "--sal-repeats", "1", "--loader-images", "4", "--pack-batches", "8", "32",
+       "--pack-time-batch", "8", "--pack-steps", "1"]
 
 
 def test_bench_runs_and_reports_every_config(tmp_path):
@@ -29,6 +30,14 @@ def test_bench_runs_and_reports_every_config(tmp_path):
     assert rows["replicate+blobs"]["enc_real"] > rows["causal+blobs"]["enc_real"]
     assert result["saliency"].get("identical", True)  # skipped without cv2, else asserted equal
     assert result["loader"]["pipeline_img_s_core"] > 0 and result["loader"]["images"] == 4
+    # padding table: every plan kind at every batch, one padded batch (k1) and the default split (k4)
+    tokens = result["packing"]["tokens"]
+    assert {k.split("@")[0] for k in tokens} == {name for name, _, _ in bench.PACK_PLANS}
+    for r in tokens.values():
+        assert r["k4"]["enc_computed"] <= r["k1"]["enc_computed"] and r["k4"]["pred_computed"] <= r["k1"]["pred_computed"]
+        assert r["enc_real"] <= r["k4"]["enc_computed"] and 0 <= r["k4"]["enc_waste"] < 1
+    assert tokens["mix@32"]["k4"]["sub_batches"] > 1
+    assert {"ijepa k1", "ijepa k4", "causal+blobs k1", "causal+blobs k4"} <= set(result["packing"]["time"])
 
 
 def test_official_cost_estimate_counts_full_length_rows():

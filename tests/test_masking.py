@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from masking import (Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, official_min_context,
-                     sample_multiblock)
+from masking import (Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, official_min_context, pad_width,
+                     sample_multiblock, split_plan)
 
 torch.set_num_threads(1)
 
@@ -488,3 +488,42 @@ def test_bad_arguments_name_the_fix():
         dseq_plan(REGIONS_14, mode="parallel")
     with pytest.raises(ValueError, match="prediction"):
         make_plan(REGIONS_14, 0.5, gen(0), (14, 14), prediction="tree")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-batch packing (split_plan): the same tokens, less padding
+
+
+@pytest.mark.parametrize("mode,lam", [("causal", 0.0), ("causal", 1.0), ("replicate", 1.0), ("causal", 0.5),
+                                      ("replicate", 0.5)])
+@pytest.mark.parametrize("geometric", [False, True])
+def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric):
+    """Oracle: the plan's rows read in plain Python (read_rows: real tokens = level > 0). The
+    sub-plans together hold exactly those rows, each once with all its tokens, in <= k runs whose
+    widths are the pad_width of their own longest row; no more tokens computed than unsplit."""
+    B, grid, k = 24, (8, 8), 4
+    regions = random_regions(B, 64, seed=3)
+    plan = make_plan(regions, lam, gen(1), grid, mode=mode, num_regions=5, geometric=geometric)
+    parts = split_plan(plan, k, geometric=geometric)
+    assert 1 < len(parts) <= k  # rows of these plans differ in length: a split pays
+    rows = read_rows(plan)
+    # the per-row counts read in the plan's one host sync are the oracle's
+    assert plan.row_tokens[:2].T.tolist() == [[len(c), len(t)] for _, c, t in rows]
+    expected = sorted(map(repr, (r for r in rows if r[1] or r[2])))  # non-empty rows
+    got = sorted(repr(r) for p in parts for r in read_rows(p))
+    assert got == expected
+    for p in parts:
+        n_c, n_t = (p.ctx_lvl > 0).sum(1), (p.tgt_lvl > 0).sum(1)  # (r,) real tokens per row
+        assert p.ctx_idx.shape[1] == pad_width(int(n_c.max()), 8, geometric)
+        assert p.tgt_idx.shape[1] == pad_width(int(n_t.max()), 8, geometric)
+        assert torch.equal(p.dseq, plan.dseq) and torch.equal(p.n_regions, plan.n_regions)
+        assert p.ctx_full == bool((n_c == p.ctx_idx.shape[1]).all() and p.ctx_lvl.max() <= 1)
+        if geometric:
+            assert len(p.sample) >= 2  # torch.compile would specialise a one-row batch
+    computed = lambda ps: sum(p.ctx_idx.numel() * 2 + p.tgt_idx.numel() for p in ps)
+    assert computed(parts) < computed([plan])
+
+
+def test_split_of_one_is_the_plan_itself():
+    plan = make_plan(None, 0.0, gen(0), (8, 8), batch_size=8)
+    assert split_plan(plan, 1)[0] is plan

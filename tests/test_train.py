@@ -116,6 +116,57 @@ def test_loss_ignores_padding_and_matches_a_plain_mean():
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
 
 
+def _step_grads(args, split, lam, seed=0):
+    """Loss and every gradient of one train_step (fp32, CPU) with --pack-splits `split`."""
+    torch.manual_seed(0)
+    models = train.build_models(args)
+    args.pack_splits = split
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    noop = torch.autocast("cpu", enabled=False)
+    loss, plan, _ = train.train_step(models, images, lam, args, torch.Generator().manual_seed(1), noop)
+    loss.backward()
+    return loss, [p.grad for m in models[:2] for p in m.parameters()], plan
+
+
+@pytest.mark.parametrize("method,lam", [(["--method", "ijepa"], 0.0), (["--dseq-pass", "causal"], 1.0),
+                                        (["--dseq-pass", "replicate"], 1.0), (["--dseq-pass", "causal"], 0.5)])
+def test_split_step_has_the_same_loss_and_gradients(method, lam):
+    """Sub-batches (masking.split_plan) change which rows share a padded width, nothing else: the
+    loss is the sum of per-token losses over all real target tokens, so loss and gradients equal
+    those of one padded batch (fp32, up to summation order). An 8 x 8 grid, so rows differ."""
+    args = train.parse_args(TINY + ["--img-size", "32", *method])
+    one, one_grads, plan = _step_grads(args, 1, lam)
+    split, split_grads, _ = _step_grads(args, 4, lam)
+    assert len(masking.split_plan(plan, 4)) > 1  # the split really happened
+    if lam > 0:
+        assert plan.dseq.any()  # and DSeq rows were among them
+    assert torch.allclose(one, split, rtol=1e-5, atol=1e-7)
+    for a, b in zip(one_grads, split_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_pack_splits_one_is_the_single_padded_batch_exactly():
+    """--pack-splits 1 runs the step on the one padded plan, bit for bit as before the split existed."""
+    args = train.parse_args(TINY + ["--img-size", "32", "--pack-splits", "1"])
+    loss, grads, plan = _step_grads(args, 1, 0.5)
+    torch.manual_seed(0)
+    enc, pred, tgt_enc = train.build_models(args)
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        targets, regions, _ = train.make_targets(tgt_enc, images, args)
+    ref = train.make_plan(regions, 0.5, torch.Generator().manual_seed(1), enc.grid, args, 16, images.device)
+    # the step as it read before sub-batches: one encoder and one predictor pass over the whole plan
+    ctx = enc(images, ref.ctx_idx, None if ref.ctx_full else ref.ctx_lvl)  # (B, Lc, D)
+    p = pred(ctx, ref.ctx_idx, ref.ctx_lvl, ref.tgt_idx, ref.tgt_lvl, ref.tgt_grp)  # (B, Lt, D)
+    t = targets.gather(1, ref.tgt_idx[..., None].expand(-1, -1, targets.shape[-1]))  # (B, Lt, D)
+    per_token = torch.nn.functional.smooth_l1_loss(p.float(), t, reduction="none", beta=1.0).mean(-1)
+    real = (ref.tgt_lvl > 0).float()
+    ref_loss = (per_token * real).sum() / real.sum()
+    ref_loss.backward()
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, q.grad) for a, q in zip(grads, list(enc.parameters()) + list(pred.parameters())))
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume and preemption
 

@@ -57,7 +57,8 @@ def stages(args):
                          "--patch-size", "16", "--pred-dim", "384", "--pred-depth", "6",
                          "--batch-size", str(args.batch_size), "--amp", "bf16", "--compile", "--maps", "blobs",
                          "--steps", "5", "--warmup", "3", "--sal-batch", "256", "--loader-images", "64",
-                         "--json", os.path.join(args.out, "bench_raw.json")], args.bench_limit, None)
+                         "--json", os.path.join(args.out, "bench_raw.json"), *args.bench_extra.split()],
+                        args.bench_limit, None)
         out["pack"] = ([PY, "scripts/pack_bench.py", "--json", os.path.join(args.out, "pack_bench.json")],
                        args.pack_limit, None)
         runs = None
@@ -173,6 +174,7 @@ def main(argv=None):
     p.add_argument("--pretrain-limit", type=int, default=75, help="seconds for each pretraining run (--dry)")
     p.add_argument("--pack-limit", type=int, default=120, help="seconds for scripts/pack_bench.py")
     p.add_argument("--table-limit", type=int, default=240, help="seconds for the Fashion-MNIST seeds table")
+    p.add_argument("--bench-extra", default="", help="flags appended to the bench command, e.g. \"--pack-time-batch 0\"")
     p.add_argument("--stages", default=None, help="comma list: run only these stages (e.g. tests-cuda,bench)")
     p.add_argument("--commit", default=None, help="the code's git commit, written into summary.md (the GPU "
                                                   "machine may get the files without .git)")

@@ -446,7 +446,6 @@ def main(argv=None):
     args, rest = get_parser().parse_known_args(argv)
     targs = train.parse_args(TRAIN_DEFAULTS + rest)  # train.py's flags, help and checks
     device = train.pick_device(targs, 0)
-    targs.compile = device.type == "cuda" if targs.compile is None else targs.compile
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)

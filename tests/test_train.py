@@ -366,7 +366,7 @@ def test_ablation_flags_reach_the_plan(flags):
 
 @pytest.mark.slow
 def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
-    """--compile (the CUDA default) also runs on the CPU: the step works through the compiled
+    """--compile also runs on the CPU: the step works through the compiled
     encoder / predictor / target features, and checkpoints hold the raw modules' keys."""
     out, step, rows = run(tmp_path, "--compile", "--stop-at-step", "2")
     assert step == 2 and all(math.isfinite(r["loss"]) for r in rows)

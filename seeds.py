@@ -93,6 +93,10 @@ def get_args_parser():
     p.add_argument("--eval-extra", default="", help="flags appended to every evaluate.py argv")
     p.add_argument("--runs-dir", default="runs", help="pretraining / evaluation outputs: RUNS/NAME/seedS/")
     p.add_argument("--results-dir", default="results", help="RESULTS/TABLE.json and RESULTS/TABLE.md go here")
+    p.add_argument("--aggregate", action="store_true",
+                   help="run nothing: only tabulate the results already in --runs-dir (e.g. runs made on another "
+                        "machine). A pretraining without its evaluation JSON still gives the kNN column from its "
+                        "end-of-run kNN line in metrics.jsonl (train.py runs the same evaluate.knn_monitor)")
     return p
 
 
@@ -146,6 +150,20 @@ def run_seed(name, config, seed, runs_dir):
     print(f"[{name} seed {seed}] python evaluate.py {' '.join(argv)}")
     evaluate.main(argv)
     return report
+
+
+def end_of_run_knn(out):
+    """kNN top-1 of train.py's end-of-run line in out/metrics.jsonl (k = 20, last features: the same
+    evaluate.knn_monitor an evaluation's kNN runs), or None when the run did not finish."""
+    log, cfg = os.path.join(out, "metrics.jsonl"), os.path.join(out, "config.json")
+    if not (os.path.isfile(log) and os.path.isfile(cfg)):
+        return None
+    with open(cfg) as f:
+        epochs = json.load(f)["epochs"]
+    with open(log) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    hits = [r["knn_top1"] for r in rows if "knn_top1" in r and r.get("epoch") == epochs]
+    return hits[-1] if hits else None
 
 
 def read_values(path):
@@ -208,6 +226,7 @@ def markdown(table, rows, seeds):
             s = r["stats"][c]
             digits = 3 if s["mean"] <= 1 and "overlap" in c else 2
             cell = f"{s['mean']:.{digits}f} +- {s['std']:.{digits}f}"
+            cell += f" (n = {s['n']})" if s["n"] < len(seeds) else ""
             cells.append(f"**{cell}**" if name in bold[c] and len(rows) > 1 else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join([f"Table `{table}`: mean +- sample std over seeds; bold = best or tied with the best "
@@ -221,13 +240,18 @@ def main(argv=None):
     if unknown:
         sys.exit(f"error: --only {unknown}: not in table {args.table} ({', '.join(configs)})")
     for name, config in configs.items():
-        if args.only is None or name in args.only:
+        if not args.aggregate and (args.only is None or name in args.only):
             for seed in args.seeds:
                 run_seed(name, config, seed, args.runs_dir)
     rows = {}
     for name, config in configs.items():
         reports = {s: os.path.join(args.runs_dir, name, f"seed{s}", f"eval_{EVAL_NAME}.json") for s in args.seeds}
         per_seed = {s: read_values(p) for s, p in reports.items() if os.path.isfile(p)}
+        if args.aggregate and config["train"] is not None:  # kNN of pretrainings that were not evaluated
+            for s, p in reports.items():
+                knn = None if s in per_seed else end_of_run_knn(os.path.dirname(p))
+                if knn is not None:
+                    per_seed[s] = {COLUMNS[0][0]: knn}
         if per_seed:
             rows[name] = {"train": config["train"], "eval": config["eval"], "per_seed": per_seed,
                           "stats": aggregate(per_seed), "reports": list(reports.values())}

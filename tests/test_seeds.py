@@ -99,3 +99,30 @@ def test_ablation_table_changes_one_flag_each_of_the_default_demo_run():
         assert {k: parsed[name][k] for k in keys} == {**default, key: value}
     for c in table.values():  # the demo table's probe, plus the ranked-region count
         assert c["eval"][:2] == ["--eval", "knn,linear,regions"] and "--probe-whiten" in c["eval"]
+
+
+def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tmp_path, monkeypatch):
+    """--aggregate tabulates runs made elsewhere: nothing is trained or evaluated; a pretraining with
+    no evaluation JSON still counts in the kNN column through its end-of-run kNN line."""
+    def refuse(*a, **k):
+        raise AssertionError("--aggregate must not train or evaluate")
+    monkeypatch.setattr(train, "main", refuse)
+    monkeypatch.setattr(evaluate, "main", refuse)
+    config = tmp_path / "t.json"
+    config.write_text(json.dumps({"m": {"train": TRAIN, "eval": EVAL}}))
+    runs = tmp_path / "runs"
+    for s, knn in ((0, 60.0), (1, 70.0)):
+        d = runs / "m" / f"seed{s}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"epochs": 2}))
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+            {"step": 5, "epoch": 1, "knn_top1": 1.0}, {"step": 9, "loss": 0.1}, {"step": 10, "epoch": 2, "knn_top1": knn}]))
+    (runs / "m" / "seed1" / "eval_seeds.json").write_text(json.dumps({"results": [
+        {"eval": "knn", "features": "last", "metric": "val_top1", "value": 72.0, "k": 20},
+        {"eval": "linear", "features": "last", "metric": "val_top1", "value": 80.0}]}))
+    rows = seeds.main(["--config", str(config), "--table", "t", "--seeds", "0", "1", "--aggregate",
+                       "--runs-dir", str(runs), "--results-dir", str(tmp_path / "res")])
+    knn, lin = rows["m"]["stats"]["kNN top-1"], rows["m"]["stats"]["linear top-1 (last)"]
+    assert knn["n"] == 2 and knn["mean"] == pytest.approx((60.0 + 72.0) / 2)  # eval JSON wins where it exists
+    assert lin["n"] == 1 and lin["mean"] == 80.0
+    assert "(n = 1)" in (tmp_path / "res" / "t.md").read_text()

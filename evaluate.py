@@ -13,31 +13,26 @@ Protocols (the paper's, after I-JEPA). Features come from the frozen TARGET enco
   kNN     : cosine similarity of L2-normalised features, k = 20, votes weighted exp(sim / 0.07)
   linear  : BatchNorm1d(affine=False) + Linear per feature kind, SGD momentum 0.9 Nesterov (the
             official probe silently ran WITHOUT momentum, fault 6), lr x batch / 256, 28 epochs,
-            x0.1 at 8 / 16 / 24. A GRID of heads (--probe-lr x --probe-wd, default 6 x 3) is trained
-            in the same pass over each batch (one batched weight tensor, DINO-style); each kind's
-            head is chosen on a stratified --probe-holdout share of TRAIN, never on the test split,
-            and its held-out, train and test accuracy and the whole grid go to the JSON.
-            --probe-whiten: PCA-whiten the cached features first (frozen ViT features are so
-            ill-conditioned that SGD on BatchNorm-ed features stays far from the optimum).
-            Default: no augmentation, features extracted once and cached (seconds on a CPU for
-            CIFAR-sized sets); --probe-aug: RandomResizedCrop scale (0.08, 1) + flip (bilinear; the
-            official probe uses bicubic), features re-extracted every epoch.
+            x0.1 at 8 / 16 / 24. A GRID of heads (--probe-lr x --probe-wd) is trained in one pass
+            over each batch (one batched weight tensor, DINO-style); each kind's head is chosen on a
+            stratified --probe-holdout share of TRAIN, never on the test split. Default: features
+            extracted once and cached; --probe-whiten PCA-whitens the cache (frozen ViT features are
+            so ill-conditioned that SGD stays far from the optimum); --probe-aug: RandomResizedCrop
+            (0.08, 1) + flip (bilinear; the official probe uses bicubic), re-extracted every epoch.
   finetune: MAE-style: AdamW, layer-wise lr decay 0.75, warmup + cosine, label smoothing 0.1
             (compact: RandomResizedCrop + flip only, no RandAugment / mixup / drop-path)
   picture : image | saliency | ranked regions | the DSeq plan step by step | an I-JEPA plan, plus
             the top-region / object overlap on the synthetic set (a number that should rise)
+  regions : ranked regions per held-out image, and which ablation flags change its DSeq plan
 Bank / training features come from the training split, queries from the val split. The CLI runs in
-one process; knn_monitor (called by train.py, also under torchrun) shards the extraction over ranks.
+one process; train.py also calls knn_monitor (sharded over torchrun ranks) and plan_picture.
 
 Configuration: ONE parser, train.py's, plus the "evaluation" group below. With --checkpoint, every
-training flag is read from the checkpoint's saved config (model size, image / patch size,
-dataset, regions, ...) EXCEPT the machine flags in MACHINE_KEYS and the flags typed on the command
-line, which win. Model flags typed on the command line must agree with the checkpoint (a different
---model cannot load its weights). --out-dir defaults to the checkpoint's folder.
-The official evaluation could not load its own checkpoints (unexpected `cls_token`, fault 6):
-here loading is strict, and a mismatch names the missing / unexpected keys and the flags.
-
-knn_monitor and plan_picture are also called by train.py during / after training.
+training flag is read from the checkpoint's saved config EXCEPT the machine flags in MACHINE_KEYS
+and the flags typed on the command line, which win; typed model flags must agree with the
+checkpoint. --out-dir defaults to the checkpoint's folder. The official evaluation could not load
+its own checkpoints (unexpected `cls_token`, fault 6): here loading is strict, and a mismatch names
+the missing / unexpected keys and the flags.
 """
 
 import argparse
@@ -124,20 +119,15 @@ def _opt(args, name):
     return getattr(args, name) if hasattr(args, name) else get_args_parser().get_default(name)
 
 
-def explicit_flags(argv=None):
-    """dests of the flags typed in argv (whatever their value): parse once with every default hidden."""
-    probe = get_args_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_known_args(argv)[0]))
-
-
 def resolve_config(argv=None):
     """Parse argv; with --checkpoint, fill in the training flags from the checkpoint's config.
     Returns (args, checkpoint dict or None)."""
     parser = get_args_parser()
     args = train.parse_args(argv, parser)
-    given = explicit_flags(argv)
+    probe = get_args_parser()  # parsed again with every default hidden: the dests of the typed flags
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_known_args(argv)[0]))
     bad = [e for e in args.eval.split(",") if e not in EVALS]
     if bad:
         parser.error(f"--eval {args.eval}: unknown {bad}; choose from {', '.join(EVALS)}")
@@ -410,16 +400,6 @@ class ProbeGrid(nn.Module):
         return torch.einsum("bf,hfc->hbc", self.norm(x), self.weight) + self.bias  # (H, B, C)
 
 
-def make_probe(dims, num_classes, n_heads=1):
-    """{kind: F} -> ModuleDict {kind: ProbeGrid(F, C, n_heads)}."""
-    return nn.ModuleDict({k: ProbeGrid(d, num_classes, n_heads) for k, d in dims.items()})
-
-
-def probe_grid(args):
-    """The (lr per 256 images, wd) pairs of the grid, lr-major: [(lr, wd), ...] (H pairs)."""
-    return [(lr, wd) for lr in args.probe_lr for wd in args.probe_wd]
-
-
 @torch.no_grad()
 def sgd_nesterov_step(params, buffers, lr, wd, momentum=0.9):
     """torch.optim.SGD(momentum=0.9, nesterov=True, dampening=0) with a per-head lr and wd:
@@ -486,8 +466,8 @@ def linear_probe(train_batches, holdout, test, num_classes, args, device, batch_
     train_top1}, ...]}}. train_top1: on the cached training features after training (eval mode),
     or when streamed, on the last epoch's batches as they were seen (train mode, augmented).
     """
-    pairs = probe_grid(args)
-    heads = make_probe({k: f.shape[1] for k, f in test[0].items()}, num_classes, len(pairs)).to(device)
+    pairs = [(lr, wd) for lr in args.probe_lr for wd in args.probe_wd]  # (lr per 256 images, wd), lr-major
+    heads = nn.ModuleDict({k: ProbeGrid(f.shape[1], num_classes, len(pairs)) for k, f in test[0].items()}).to(device)
     base_lr = torch.tensor([lr * batch_size / 256 for lr, _ in pairs], device=device)  # (H,)
     wd = torch.tensor([w for _, w in pairs], device=device)  # (H,)
     params = list(heads.parameters())
@@ -798,10 +778,6 @@ def plan_picture(target_encoder, args, path, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line
-
-
-# ----------------------------------------------------------------------------------------------
 # Region statistics: how many ranked regions the extractor finds, and which ablations change a plan
 
 # The ablation flags of train.py, each as the dseq_plan / extractor settings it changes. "default" is
@@ -845,20 +821,16 @@ def region_statistics(A, grid, alphas, n_regions=5, seed=0):
     """Histogram of ranked regions per image and, per ablation flag, the share of plans it changes.
 
     A: (n, P) raw saliency maps (saliency.saliency_map) of the held-out images, grid (h, w).
-    For each alpha: regions = saliency.regions_from_saliency(A, grid, N, alpha), then
-      hist[K]  = images with K ranked regions R_1..R_K (K = 0..N-1), ranked_mean = mean K;
-      differs[flag] = share of images whose DSeq plan under that flag differs from the default plan.
-    "Differs" means: the set of prediction steps (plan_steps: each target region with the context
-    it is predicted from, split by encoder level) is not the same set. Under this definition an
-    image with K <= 1 ranked regions (plan "R_1 -> background", or no DSeq plan at all) is changed
-    by no flag; flat and reverse change every image with K >= 2; replicate changes every image
-    with K >= 2 (its step 2 sees R_1 u R_2 as one level); regions=3 changes images with K >= 3
-    (R_3.. join the background); regions=7 those with K >= 5; random order (one seeded draw per
-    image) and raster order change an image when they reorder its ranked regions.
-    Also, the same for every alpha, positional_share = the share of the variance of the Eq. 1 maps
-    A~ (n, P) that a map of position alone explains: sum_j n (mean_i A~_ij - mean A~)^2 / sum_ij
-    (A~_ij - mean A~)^2, the R^2 of "saliency = a fixed picture". Near 1, the regions are the same
-    patches in every image whatever it shows (a positional artefact, not discriminative regions).
+    For each alpha (regions = saliency.regions_from_saliency(A, grid, N, alpha)):
+      hist[K] = images with K ranked regions R_1..R_K (K = 0..N-1), ranked_mean = mean K;
+      differs[flag] = share of images whose set of prediction steps (plan_steps) under that flag
+      differs from the default plan's. So an image with K <= 1 is changed by no flag; flat, reverse
+      and replicate change every image with K >= 2; regions=3 those with K >= 3, regions=7 those
+      with K >= 5; random and raster order those whose ranked regions they reorder.
+    positional_share (the same for every alpha): the R^2 of "saliency = a fixed picture", the share
+    of the variance of the Eq. 1 maps A~ (n, P) explained by position alone,
+    sum_j n (mean_i A~_ij - mean A~)^2 / sum_ij (A~_ij - mean A~)^2. Near 1, the regions are the
+    same patches in every image whatever it shows (a positional artefact).
     Returns {alpha: {"images", "hist", "ranked_mean", "positional_share", "differs": {flag: share}}}."""
     n, N = A.shape[0], n_regions
     An = saliency.normalise(A).double()  # (n, P) Eq. 1, what Otsu thresholds

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -218,17 +219,18 @@ def _eval_loader(args, split, batch_size, rank=0, world=1, device="cpu", augment
                                   class_to_idx=train_class_map(args))
 
 
-def pooled_features(encoder, images, kinds):
+def pooled_features(encoder, images, kinds, autocast=nullcontext()):
     """images (B, 3, H, W) -> {kind: (B, F) float32}; encoder None = raw pixels, kind "pixels"."""
     if encoder is None:
         return {"pixels": images.flatten(1).float()}  # (B, 3*H*W)
     layers = (-4, -3, -2, -1) if "concat4" in kinds else (-1,)
-    pooled = [h.float().mean(1) for h in encoder.features(images, layers=layers)]  # each (B, P, D) -> (B, D)
-    out = {}
-    if "last" in kinds:
-        out["last"] = pooled[-1]  # (B, D)
-    if "concat4" in kinds:
-        out["concat4"] = torch.cat(pooled, 1)  # (B, 4D)
+    with autocast:
+        pooled = [h.float().mean(1) for h in encoder.features(images, layers=layers)]  # each (B, P, D) -> (B, D)
+        out = {}
+        if "last" in kinds:
+            out["last"] = pooled[-1]  # (B, D)
+        if "concat4" in kinds:
+            out["concat4"] = torch.cat(pooled, 1)  # (B, 4D)
     return out
 
 
@@ -250,15 +252,14 @@ def gather_shards(x, n):
 
 
 @torch.no_grad()
-def extract(encoder, loader, kinds, device, autocast, desc):
-    """Features of the whole split -> ({kind: (N, F)}, labels (N,)), on `device`, in dataset order.
-    Under DDP each rank runs its shard and all ranks get everything."""
-    feats, labels = {k: [] for k in kinds}, []
+def extract(features, loader, device, desc):
+    """The one pass over a split that every evaluation makes: features(images (B, 3, H, W) on
+    `device`) -> {name: (B, F)} for each batch -> ({name: (N, F)}, labels (N,)) on `device`, in
+    dataset order. Under DDP each rank runs its shard and all ranks get everything."""
+    feats, labels = {}, []
     for images, y in tqdm(loader, desc=desc, disable=_dist()[0] != 0, leave=False, dynamic_ncols=True):
-        with autocast:
-            f = pooled_features(encoder, images.to(device, non_blocking=True), kinds)
-        for k in kinds:
-            feats[k].append(f[k])
+        for k, f in features(images.to(device, non_blocking=True)).items():
+            feats.setdefault(k, []).append(f)
         labels.append(y.to(device))
     n = len(loader.source)  # real images; the sampler pads the last shard with repeats
     return {k: gather_shards(torch.cat(v), n) for k, v in feats.items()}, gather_shards(torch.cat(labels), n)
@@ -306,9 +307,9 @@ def knn_monitor(target_encoder, args, device):
     was_training = target_encoder.training
     target_encoder.eval()
     bank_loader = _eval_loader(args, "train", bs, rank, world, device)
-    bank, bank_y = extract(target_encoder, bank_loader, ["last"], device, autocast, "kNN bank")
-    query, query_y = extract(target_encoder, _eval_loader(args, "val", bs, rank, world, device), ["last"],
-                             device, autocast, "kNN queries")
+    pool = lambda x: pooled_features(target_encoder, x, ["last"], autocast)  # noqa: E731
+    bank, bank_y = extract(pool, bank_loader, device, "kNN bank")
+    query, query_y = extract(pool, _eval_loader(args, "val", bs, rank, world, device), device, "kNN queries")
     target_encoder.train(was_training)
     votes = knn_votes(bank["last"], bank_y, query["last"], bank_loader.num_classes, ks, T)
     main_k = 20 if 20 in ks else ks[0]
@@ -429,16 +430,17 @@ def cached_batches(feats, labels, batch_size, seed):
     return batches
 
 
-def streamed_batches(encoder, loader, kinds, device, autocast):
-    """Epoch -> batches of features extracted on the fly: freshly augmented crops (the paper's probe
-    training) or, without augmentation, a reshuffled pass when the features do not fit in memory."""
+def streamed_batches(pool, loader, device):
+    """Epoch -> batches of features pool(images) extracted on the fly: freshly augmented crops (the
+    paper's probe training) or, without augmentation, a reshuffled pass when the features do not
+    fit in memory."""
     def batches(epoch):
         loader.set_epoch(epoch)
         for images, y in loader:
             if len(y) < 2:  # BatchNorm needs two images
                 continue
-            with torch.no_grad(), autocast:
-                f = pooled_features(encoder, images.to(device, non_blocking=True), kinds)
+            with torch.no_grad():
+                f = pool(images.to(device, non_blocking=True))
             yield f, y.to(device)
     return batches
 
@@ -576,12 +578,12 @@ def finetune(encoder, args, device):
             bar.set_postfix(epoch=epoch, refresh=False)  # no loss here: .item() would sync every step
     bar.close()
     net.eval()
-    scores, labels = [], []
-    with torch.no_grad(), autocast:
-        for images, y in val_loader:
-            scores.append(head(net(images.to(device)).mean(1)).float())  # (B, C)
-            labels.append(y.to(device))
-    top1, top5 = topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+    def logits(images):
+        with autocast:
+            return {"logits": head(net(images).mean(1)).float()}  # (B, C)
+    scores, labels = extract(logits, val_loader, device, "fine-tune val")
+    top1, top5 = topk_accuracy(scores["logits"], labels)
     train_loss = torch.stack(losses).mean().item() if losses else None
     return {"val_top1": top1, "val_top5": top5, "train_loss": train_loss}
 
@@ -858,15 +860,13 @@ def region_statistics(A, grid, alphas, n_regions=5, seed=0):
     return out
 
 
-@torch.no_grad()
 def saliency_maps(encoder, loader, args, device, autocast):
     """Raw CLS saliency maps of the whole split: (N, P) fp32 on the CPU, in dataset order."""
-    maps = []
-    for images, _ in tqdm(loader, desc="saliency", leave=False, dynamic_ncols=True):
+    def maps(images):
         with autocast:
-            z = encoder.features(images.to(device), layers=(args.saliency_layer,))[0]  # (B, P, D)
-        maps.append(saliency.saliency_map(z.float(), encoder.cls_token).cpu())  # (B, P)
-    return torch.cat(maps)
+            z = encoder.features(images, layers=(args.saliency_layer,))[0]  # (B, P, D)
+        return {"A": saliency.saliency_map(z.float(), encoder.cls_token)}  # (B, P)
+    return extract(maps, loader, device, "saliency")[0]["A"].cpu()
 
 
 def print_region_table(stats, N):
@@ -915,10 +915,11 @@ def main(argv=None):
         bank_loader = _eval_loader(args, "train", args.eval_batch_size, device=device)
         val_loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
         num_classes = bank_loader.num_classes
+        pool = lambda x: pooled_features(encoder, x, kinds, autocast)  # noqa: E731
         bank, bank_y = None, None
         if "knn" in evals or ("linear" in evals and cache):
-            bank, bank_y = extract(encoder, bank_loader, kinds, device, autocast, "train features")
-        val, val_y = extract(encoder, val_loader, kinds, device, autocast, "val features")
+            bank, bank_y = extract(pool, bank_loader, device, "train features")
+        val, val_y = extract(pool, val_loader, device, "val features")
     # 2. kNN
     if "knn" in evals:
         for f in kinds:
@@ -946,11 +947,11 @@ def main(argv=None):
         else:
             test = (val, val_y)
             fit = None
-            hold = extract(encoder, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
-                           kinds, device, autocast, "holdout features")
+            hold = extract(pool, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
+                           device, "holdout features")
             loader = probe_loader(args, source, fit_idx, args.probe_batch_size, device, augment=args.probe_aug)
             loader.sampler.shuffle = True  # without augmentation an eval loader has a fixed order
-            batches = streamed_batches(encoder, loader, kinds, device, autocast)
+            batches = streamed_batches(pool, loader, device)
         threads = torch.get_num_threads()
         if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
             torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)

@@ -504,6 +504,42 @@ def linear_probe(train_batches, holdout, test, num_classes, args, device, batch_
     return out
 
 
+def linear_eval(pool, args, bank_loader, bank, val, device, cache):
+    """The linear-probe evaluation: hold out a stratified --probe-holdout share of the training split,
+    train the grid of heads on the rest, choose each kind's head on the held-out part, test it on val.
+    Training features are the cache `bank` (PCA-whitened with --probe-whiten, statistics of the fit
+    part only) or, when not cached, pool(images) of crops streamed every epoch (augmented with
+    --probe-aug). bank / val: ({kind: (N, F)}, labels (N,)); bank is (None, None) when not cached.
+    -> linear_probe's {kind: {lr, wd, ..., grid}}, each with n_fit and n_holdout."""
+    (feats, labels), source = bank, bank_loader.source
+    all_labels = labels.cpu() if labels is not None else dataset_labels(source)
+    fit_idx, hold_idx = holdout_split(all_labels, args.probe_holdout, args.seed)  # (N_fit,), (N_hold,)
+    test, fit = val, None
+    if cache:
+        take = lambda idx: ({k: f[idx.to(f.device)] for k, f in feats.items()},  # noqa: E731
+                            labels[idx.to(labels.device)])
+        fit, hold = take(fit_idx), take(hold_idx)
+        if args.probe_whiten:  # the same map for holdout and test
+            white = {k: whitening(f) for k, f in fit[0].items()}
+            fit, hold, test = [({k: (f - white[k][0]) @ white[k][1] for k, f in part.items()}, y)
+                               for part, y in (fit, hold, test)]  # each (N, F)
+        batches = cached_batches(*fit, args.probe_batch_size, args.seed)
+    else:
+        hold = extract(pool, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
+                       device, "holdout features")
+        loader = probe_loader(args, source, fit_idx, args.probe_batch_size, device, augment=args.probe_aug)
+        loader.sampler.shuffle = True  # without augmentation an eval loader has a fixed order
+        batches = streamed_batches(pool, loader, device)
+    threads = torch.get_num_threads()
+    if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
+        torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
+    probe = linear_probe(batches, hold, test, bank_loader.num_classes, args, device, args.probe_batch_size, fit=fit)
+    torch.set_num_threads(threads)
+    for r in probe.values():
+        r.update(n_fit=len(fit_idx), n_holdout=len(hold_idx))
+    return probe
+
+
 # ----------------------------------------------------------------------------------------------
 # Fine-tuning (MAE recipe, compact)
 
@@ -932,36 +968,11 @@ def main(argv=None):
     #    on features streamed every epoch (augmented crops with --probe-aug)
     probe = {}
     if "linear" in evals:
-        source = bank_loader.source
-        labels = bank_y.cpu() if bank_y is not None else dataset_labels(source)
-        fit_idx, hold_idx = holdout_split(labels, args.probe_holdout, args.seed)  # (N_fit,), (N_hold,)
-        if cache:
-            fit = ({k: f[fit_idx.to(f.device)] for k, f in bank.items()}, bank_y[fit_idx.to(bank_y.device)])
-            hold = ({k: f[hold_idx.to(f.device)] for k, f in bank.items()}, bank_y[hold_idx.to(bank_y.device)])
-            test = (val, val_y)
-            if args.probe_whiten:  # statistics of the fit part only; the same map for holdout and test
-                white = {k: whitening(f) for k, f in fit[0].items()}
-                fit, hold, test = [({k: (f - white[k][0]) @ white[k][1] for k, f in part.items()}, y)
-                                   for part, y in (fit, hold, test)]  # each (N, F)
-            batches = cached_batches(*fit, args.probe_batch_size, args.seed)
-        else:
-            test = (val, val_y)
-            fit = None
-            hold = extract(pool, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
-                           device, "holdout features")
-            loader = probe_loader(args, source, fit_idx, args.probe_batch_size, device, augment=args.probe_aug)
-            loader.sampler.shuffle = True  # without augmentation an eval loader has a fixed order
-            batches = streamed_batches(pool, loader, device)
-        threads = torch.get_num_threads()
-        if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
-            torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
-        probe = linear_probe(batches, hold, test, num_classes, args, device, args.probe_batch_size, fit=fit)
-        torch.set_num_threads(threads)
+        probe = linear_eval(pool, args, bank_loader, (bank, bank_y), (val, val_y), device, cache)
         for f, r in probe.items():
-            r.update(n_fit=len(fit_idx), n_holdout=len(hold_idx))
             for metric in ("train_top1", "holdout_top1", "val_top1", "val_top5"):
                 add("linear", f, metric, r[metric], lr=r["lr"], wd=r["wd"], epochs=args.probe_epochs,
-                    augment=args.probe_aug, whiten=args.probe_whiten, n_fit=len(fit_idx), n_holdout=len(hold_idx))
+                    augment=args.probe_aug, whiten=args.probe_whiten, n_fit=r["n_fit"], n_holdout=r["n_holdout"])
     # 4. fine-tuning
     if "finetune" in evals:
         for metric, value in finetune(encoder, args, device).items():

@@ -159,20 +159,16 @@ class SyntheticShapes(Dataset):
     """3-4 separated objects on a cluttered, textured background; the class object decides the class.
 
     Several salient things per image, so that the saliency extractor finds several regions and
-    DSeq-JEPA's sequence R_1 -> R_2 -> ... -> background has more than one step (see _layout):
+    DSeq-JEPA's sequence R_1 -> R_2 -> ... -> background has more than one step (layout: _layout):
       A (the class object): shape list(_SHAPES)[c % 5] in colour _COLOURS[c // 5] (10 classes: 5
-        shapes x red/blue; up to 20), in the largest box (4 x 4 cells), at full contrast;
-      B, C: random shapes in distractor colours, in 4 x 3 and 3 x 4 boxes, at 70-100 % and
-        50-80 % contrast;
-      D (optional): small (2 x 2 cells), low contrast (35-60 %).
-    The class is well defined and learnable: it is the shape and colour of the only object painted
-    in a class colour (distractor colours are far from every class colour). Objects lie on an
-    8 x 8 layout grid (the demo's patch grid at 32 px / patch 4) with at least one empty cell line
-    between any two, so at that grid they are separate 8-connected components. Each object has a random place, size within its box
-    and rotation (+-30 deg); the background is desaturated smooth noise in two octaves plus thin
-    strokes. Image i is a pure function of (seed, split, i): every random number comes from its
-    own numpy Generator, and train / val use different seed streams, so they never share an image.
-    Labels are i % num_classes (balanced).
+        shapes x red/blue; up to 20), in the largest box, at full contrast;
+      B, C: random shapes in distractor colours at 70-100 % and 50-80 % contrast;
+      D (optional): small, low contrast (35-60 %).
+    The class is learnable: it is the shape and colour of the only object painted in a class
+    colour. Each object has a random place, size within its box and rotation (+-30 deg); the
+    background is desaturated smooth noise in two octaves plus thin strokes. Image i is a pure
+    function of (seed, split, i) (its own numpy Generator; train and val use different seed
+    streams, so they never share an image). Labels are i % num_classes (balanced).
     Items: (uint8 (3, S, S), label). object_mask(i): (S, S) bool, exactly the CLASS object's pixels
     (the thing a discriminative R_1 should find; distractors are not in it).
     """
@@ -762,12 +758,11 @@ def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     crop_scale, num_train / num_val (synthetic), num_workers (None: default_num_workers),
     device_data (auto|on|off), seed."""
     ds, num_classes = build_dataset(args.dataset, args.data_path, split, args.img_size,
-                                    subset_file=getattr(args, "subset_file", None),
+                                    subset_file=args.subset_file,
                                     synthetic_size=args.num_train if split == "train" else args.num_val,
                                     class_to_idx=kw.pop("class_to_idx", None))
-    mode = getattr(args, "device_data", "auto")  # auto: on for in-memory sets on CUDA
-    on_device = mode == "on" or (mode == "auto" and hasattr(ds, "tensors")
-                                 and torch.device(device).type == "cuda")
+    on_device = args.device_data == "on" or (args.device_data == "auto" and hasattr(ds, "tensors")
+                                              and torch.device(device).type == "cuda")  # auto: in-memory sets on CUDA
     # args.seed, not seed + rank: every rank must draw the same shuffle for the shards to be disjoint
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     loader = build_loader(ds, args.img_size, batch_size, train, num_workers=workers,

@@ -328,12 +328,10 @@ PROBE_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop scale of the official probe 
 
 
 def dataset_labels(ds):
-    """(N,) int64 labels of a build_dataset set without decoding images where possible."""
-    if hasattr(ds, "tensors"):
+    """(N,) int64 labels of a build_dataset set, without decoding any image."""
+    if hasattr(ds, "tensors"):  # in-memory sets
         return ds.tensors()[1].cpu()
-    if hasattr(ds, "samples"):
-        return torch.tensor([y for _, y in ds.samples])
-    return torch.tensor([ds[i][1] for i in range(len(ds))])
+    return torch.tensor([y for _, y in ds.samples])  # ImageFolder
 
 
 def probe_loader(args, source, idx, batch_size, device, augment):
@@ -676,6 +674,23 @@ def plan_maps(plan, P):
     return ctx, tgt.view(R, G + 1, P)  # (R, P), (R, G+1, P)
 
 
+def object_overlap(regions, masks, p):
+    """How well the top region R_1 finds the class object. regions (n, P) of a patch grid (h, w),
+    masks (n, h*p, w*p) bool object pixels, p the patch size; a patch is "object" if at least half
+    of its pixels are. -> {top_region_object_overlap: share of images whose R_1 shares a patch with
+    the object (no R_1 = a miss), top_region_object_precision: mean share of R_1's patches on the
+    object, object_area: share of object patches (the precision a random region would get)}."""
+    n, h, w = masks.shape[0], masks.shape[1] // p, masks.shape[2] // p
+    obj = masks.float().view(n, h, p, w, p).mean((2, 4)).flatten(1) >= 0.5  # (n, P) mostly-object patches
+    top = regions == 1  # (n, P)
+    hit = (top & obj).sum(1)  # (n,)
+    has_top = top.any(1)
+    precision = hit[has_top] / top.sum(1)[has_top]  # (n_top,) share of R_1's patches on the object
+    return {"top_region_object_overlap": (hit > 0).float().mean().item(),
+            "top_region_object_precision": precision.mean().item() if has_top.any() else 0.0,
+            "object_area": obj.float().mean().item()}
+
+
 @torch.no_grad()
 def plan_picture(target_encoder, args, path, device):
     """PNG of held-out images, one row each: image | saliency | ranked regions | DSeq steps | I-JEPA.
@@ -702,19 +717,10 @@ def plan_picture(target_encoder, args, path, device):
     ranked = regions.masked_fill(regions >= N, 0).amax(1)  # (n,) K, the ranked regions of each image
     stats = {"images": n, "ranked_regions_per_image": ranked.float().mean().item()}
 
-    # --- top-region / object overlap (synthetic data knows where the object is)
     stats.update(top_region_object_overlap=None, top_region_object_precision=None, object_area=None)
-    if hasattr(loader.source, "object_mask"):
-        p = args.patch_size
-        masks = torch.stack([loader.source.object_mask(i) for i in range(n)]).float()  # (n, S, S)
-        obj = masks.view(n, h, p, w, p).mean((2, 4)).flatten(1) >= 0.5  # (n, P) mostly-object patches
-        top = regions == 1  # (n, P)
-        hit = (top & obj).sum(1)  # (n,)
-        has_top = top.any(1)
-        stats["top_region_object_overlap"] = (hit > 0).float().mean().item()  # no R_1 = a miss
-        precision = hit[has_top] / top.sum(1)[has_top]  # share of R_1's patches on the object
-        stats["top_region_object_precision"] = precision.mean().item() if has_top.any() else 0.0
-        stats["object_area"] = obj.float().mean().item()  # the precision a random region would get
+    if hasattr(loader.source, "object_mask"):  # synthetic data knows where the object is
+        masks = torch.stack([loader.source.object_mask(i) for i in range(n)])  # (n, S, S)
+        stats.update(object_overlap(regions, masks, args.patch_size))
 
     # --- the plans of the shown images, built by masking.py as in training
     m, gen = min(n_show, n), torch.Generator().manual_seed(args.seed)

@@ -927,6 +927,10 @@ def print_region_table(stats, N):
         print(f"{alpha:>6g} " + " ".join(f"{s['differs'][f]:>21.3f}" for f in flags))
 
 
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
 def main(argv=None):
     """The command line (see the top of the file). Returns the report that is also written as JSON."""
     args, ckpt = resolve_config(argv)

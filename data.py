@@ -7,22 +7,15 @@ Public API
     build_dataset(name, root, split, img_size, ...) -> (dataset, num_classes)
         name in DATASETS, split "train" or "val" (CIFAR / MNIST "val" = the official test set).
         Items are raw `(image, label)`: a PIL RGB image (imagefolder) or a uint8 tensor (3, H, W).
-    build_loader(dataset, img_size, batch_size, train, ...) -> loader
-        Iterable of (imgs, labels) with len() and set_epoch(epoch, start_batch=0); call set_epoch
-        every epoch. start_batch > 0 resumes mid-epoch: the earlier batches are not loaded at all.
-        train=True: shuffled, drop_last, RandomResizedCrop (+ optional flip); train=False: fixed
-        order, resize shorter side + center crop. on_device=True keeps an in-memory set on the device
-        and crops whole batches there (DeviceLoader, batches already on `device`); otherwise a
-        DataLoader with workers (batches on the CPU, pinned when `device` is CUDA).
-    build_train_loader(args, batch_size, rank, world_size, device) -> loader      (train.py)
-    build_eval_loader(args, split, batch_size, rank, world_size, device, augment=False,
-                      class_to_idx=None) -> loader                                 (evaluate.py)
-        Both read the shared argparse config and give the loader .num_classes and .source (the
-        raw dataset, holding class_to_idx / n_bad / object_mask).
-    check_img_size(img_size, patch_size) -> patches per side
-    DataError(ValueError): every mistake a user can make; the message names the thing and the fix.
-    SyntheticShapes.object_mask(i) -> (S, S) bool: where the class object is (object_masks(i): all 4).
-    ImageFolder.class_to_idx (save it with the run as JSON), ImageFolder.n_bad (unreadable files).
+    build_loader(dataset, img_size, batch_size, train, ...) -> loader of (imgs, labels)
+        with len() and set_epoch(epoch, start_batch=0) (call it every epoch; start_batch > 0 resumes
+        mid-epoch without loading the earlier batches). train=True: shuffled, drop_last,
+        RandomResizedCrop (+ optional flip); else fixed order, resize + center crop. on_device=True:
+        an in-memory set cropped in whole batches on the device (DeviceLoader); else a DataLoader.
+    build_train_loader(args, ...) (train.py), build_eval_loader(args, split, ...) (evaluate.py):
+        the same from the shared argparse config, with .num_classes and .source (the raw dataset).
+    check_img_size, DataError (every mistake a user can make; the message names the fix),
+    SyntheticShapes.object_mask(i), ImageFolder.class_to_idx / n_bad, unreadable_images().
 
 Determinism: a sample's augmentation is drawn from a numpy Generator seeded by (seed, epoch, index),
 so batches do not depend on num_workers, on which worker loads a sample, or on resuming mid-run.
@@ -166,20 +159,16 @@ class SyntheticShapes(Dataset):
     """3-4 separated objects on a cluttered, textured background; the class object decides the class.
 
     Several salient things per image, so that the saliency extractor finds several regions and
-    DSeq-JEPA's sequence R_1 -> R_2 -> ... -> background has more than one step (see _layout):
+    DSeq-JEPA's sequence R_1 -> R_2 -> ... -> background has more than one step (layout: _layout):
       A (the class object): shape list(_SHAPES)[c % 5] in colour _COLOURS[c // 5] (10 classes: 5
-        shapes x red/blue; up to 20), in the largest box (4 x 4 cells), at full contrast;
-      B, C: random shapes in distractor colours, in 4 x 3 and 3 x 4 boxes, at 70-100 % and
-        50-80 % contrast;
-      D (optional): small (2 x 2 cells), low contrast (35-60 %).
-    The class is well defined and learnable: it is the shape and colour of the only object painted
-    in a class colour (distractor colours are far from every class colour). Objects lie on an
-    8 x 8 layout grid (the demo's patch grid at 32 px / patch 4) with at least one empty cell line
-    between any two, so at that grid they are separate 8-connected components. Each object has a random place, size within its box
-    and rotation (+-30 deg); the background is desaturated smooth noise in two octaves plus thin
-    strokes. Image i is a pure function of (seed, split, i): every random number comes from its
-    own numpy Generator, and train / val use different seed streams, so they never share an image.
-    Labels are i % num_classes (balanced).
+        shapes x red/blue; up to 20), in the largest box, at full contrast;
+      B, C: random shapes in distractor colours at 70-100 % and 50-80 % contrast;
+      D (optional): small, low contrast (35-60 %).
+    The class is learnable: it is the shape and colour of the only object painted in a class
+    colour. Each object has a random place, size within its box and rotation (+-30 deg); the
+    background is desaturated smooth noise in two octaves plus thin strokes. Image i is a pure
+    function of (seed, split, i) (its own numpy Generator; train and val use different seed
+    streams, so they never share an image). Labels are i % num_classes (balanced).
     Items: (uint8 (3, S, S), label). object_mask(i): (S, S) bool, exactly the CLASS object's pixels
     (the thing a discriminative R_1 should find; distractors are not in it).
     """
@@ -379,7 +368,16 @@ class ImageFolder(Dataset):
                             f"({len(self.class_to_idx)} classes); use the map saved with the run")
         self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
         if subset_file:
-            rels = self._read_subset(subset_file, d)
+            if not os.path.isfile(subset_file):
+                raise DataError(f"subset file '{subset_file}' does not exist; give a text file with one image per line")
+            with open(subset_file) as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+            rels = [os.path.join(*ln.split("/")) if "/" in ln else os.path.join(ln.split("_")[0], ln)
+                    for ln in lines]
+            missing = [r for r in rels if not os.path.isfile(os.path.join(d, r))]
+            if missing:
+                raise DataError(f"subset file '{subset_file}' names {len(missing)} images missing under '{d}', "
+                                f"e.g. {missing[:5]}; check the file matches this data root and split")
         else:
             rels = [os.path.join(c, f) for c in classes for f in sorted(os.listdir(os.path.join(d, c)))
                     if f.lower().endswith(IMG_EXTENSIONS)]
@@ -392,21 +390,6 @@ class ImageFolder(Dataset):
         if key not in _BAD_FLAGS:
             _BAD_FLAGS[key] = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
         self.bad_flags = _BAD_FLAGS[key]
-
-    @staticmethod
-    def _read_subset(path, d):
-        """Subset file -> relative paths CLASS/FILE; DataError listing the first missing ones."""
-        if not os.path.isfile(path):
-            raise DataError(f"subset file '{path}' does not exist; give a text file with one image per line")
-        with open(path) as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-        rels = [os.path.join(*ln.split("/")) if "/" in ln else os.path.join(ln.split("_")[0], ln)
-                for ln in lines]
-        missing = [r for r in rels if not os.path.isfile(os.path.join(d, r))]
-        if missing:
-            raise DataError(f"subset file '{path}' names {len(missing)} images missing under '{d}', "
-                            f"e.g. {missing[:5]}; check the file matches this data root and split")
-        return rels
 
     @property
     def n_bad(self):
@@ -775,12 +758,11 @@ def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
     crop_scale, num_train / num_val (synthetic), num_workers (None: default_num_workers),
     device_data (auto|on|off), seed."""
     ds, num_classes = build_dataset(args.dataset, args.data_path, split, args.img_size,
-                                    subset_file=getattr(args, "subset_file", None),
+                                    subset_file=args.subset_file,
                                     synthetic_size=args.num_train if split == "train" else args.num_val,
                                     class_to_idx=kw.pop("class_to_idx", None))
-    mode = getattr(args, "device_data", "auto")  # auto: on for in-memory sets on CUDA
-    on_device = mode == "on" or (mode == "auto" and hasattr(ds, "tensors")
-                                 and torch.device(device).type == "cuda")
+    on_device = args.device_data == "on" or (args.device_data == "auto" and hasattr(ds, "tensors")
+                                              and torch.device(device).type == "cuda")  # auto: in-memory sets on CUDA
     # args.seed, not seed + rank: every rank must draw the same shuffle for the shards to be disjoint
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     loader = build_loader(ds, args.img_size, batch_size, train, num_workers=workers,

@@ -13,31 +13,26 @@ Protocols (the paper's, after I-JEPA). Features come from the frozen TARGET enco
   kNN     : cosine similarity of L2-normalised features, k = 20, votes weighted exp(sim / 0.07)
   linear  : BatchNorm1d(affine=False) + Linear per feature kind, SGD momentum 0.9 Nesterov (the
             official probe silently ran WITHOUT momentum, fault 6), lr x batch / 256, 28 epochs,
-            x0.1 at 8 / 16 / 24. A GRID of heads (--probe-lr x --probe-wd, default 6 x 3) is trained
-            in the same pass over each batch (one batched weight tensor, DINO-style); each kind's
-            head is chosen on a stratified --probe-holdout share of TRAIN, never on the test split,
-            and its held-out, train and test accuracy and the whole grid go to the JSON.
-            --probe-whiten: PCA-whiten the cached features first (frozen ViT features are so
-            ill-conditioned that SGD on BatchNorm-ed features stays far from the optimum).
-            Default: no augmentation, features extracted once and cached (seconds on a CPU for
-            CIFAR-sized sets); --probe-aug: RandomResizedCrop scale (0.08, 1) + flip (bilinear; the
-            official probe uses bicubic), features re-extracted every epoch.
+            x0.1 at 8 / 16 / 24. A GRID of heads (--probe-lr x --probe-wd) is trained in one pass
+            over each batch (one batched weight tensor, DINO-style); each kind's head is chosen on a
+            stratified --probe-holdout share of TRAIN, never on the test split. Default: features
+            extracted once and cached; --probe-whiten PCA-whitens the cache (frozen ViT features are
+            so ill-conditioned that SGD stays far from the optimum); --probe-aug: RandomResizedCrop
+            (0.08, 1) + flip (bilinear; the official probe uses bicubic), re-extracted every epoch.
   finetune: MAE-style: AdamW, layer-wise lr decay 0.75, warmup + cosine, label smoothing 0.1
             (compact: RandomResizedCrop + flip only, no RandAugment / mixup / drop-path)
   picture : image | saliency | ranked regions | the DSeq plan step by step | an I-JEPA plan, plus
             the top-region / object overlap on the synthetic set (a number that should rise)
+  regions : ranked regions per held-out image, and which ablation flags change its DSeq plan
 Bank / training features come from the training split, queries from the val split. The CLI runs in
-one process; knn_monitor (called by train.py, also under torchrun) shards the extraction over ranks.
+one process; train.py also calls knn_monitor (sharded over torchrun ranks) and plan_picture.
 
 Configuration: ONE parser, train.py's, plus the "evaluation" group below. With --checkpoint, every
-training flag is read from the checkpoint's saved config (model size, image / patch size,
-dataset, regions, ...) EXCEPT the machine flags in MACHINE_KEYS and the flags typed on the command
-line, which win. Model flags typed on the command line must agree with the checkpoint (a different
---model cannot load its weights). --out-dir defaults to the checkpoint's folder.
-The official evaluation could not load its own checkpoints (unexpected `cls_token`, fault 6):
-here loading is strict, and a mismatch names the missing / unexpected keys and the flags.
-
-knn_monitor and plan_picture are also called by train.py during / after training.
+training flag is read from the checkpoint's saved config EXCEPT the machine flags in MACHINE_KEYS
+and the flags typed on the command line, which win; typed model flags must agree with the
+checkpoint. --out-dir defaults to the checkpoint's folder. The official evaluation could not load
+its own checkpoints (unexpected `cls_token`, fault 6): here loading is strict, and a mismatch names
+the missing / unexpected keys and the flags.
 """
 
 import argparse
@@ -46,6 +41,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -124,20 +120,15 @@ def _opt(args, name):
     return getattr(args, name) if hasattr(args, name) else get_args_parser().get_default(name)
 
 
-def explicit_flags(argv=None):
-    """dests of the flags typed in argv (whatever their value): parse once with every default hidden."""
-    probe = get_args_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_known_args(argv)[0]))
-
-
 def resolve_config(argv=None):
     """Parse argv; with --checkpoint, fill in the training flags from the checkpoint's config.
     Returns (args, checkpoint dict or None)."""
     parser = get_args_parser()
     args = train.parse_args(argv, parser)
-    given = explicit_flags(argv)
+    probe = get_args_parser()  # parsed again with every default hidden: the dests of the typed flags
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_known_args(argv)[0]))
     bad = [e for e in args.eval.split(",") if e not in EVALS]
     if bad:
         parser.error(f"--eval {args.eval}: unknown {bad}; choose from {', '.join(EVALS)}")
@@ -228,17 +219,18 @@ def _eval_loader(args, split, batch_size, rank=0, world=1, device="cpu", augment
                                   class_to_idx=train_class_map(args))
 
 
-def pooled_features(encoder, images, kinds):
+def pooled_features(encoder, images, kinds, autocast=nullcontext()):
     """images (B, 3, H, W) -> {kind: (B, F) float32}; encoder None = raw pixels, kind "pixels"."""
     if encoder is None:
         return {"pixels": images.flatten(1).float()}  # (B, 3*H*W)
     layers = (-4, -3, -2, -1) if "concat4" in kinds else (-1,)
-    pooled = [h.float().mean(1) for h in encoder.features(images, layers=layers)]  # each (B, P, D) -> (B, D)
-    out = {}
-    if "last" in kinds:
-        out["last"] = pooled[-1]  # (B, D)
-    if "concat4" in kinds:
-        out["concat4"] = torch.cat(pooled, 1)  # (B, 4D)
+    with autocast:
+        pooled = [h.float().mean(1) for h in encoder.features(images, layers=layers)]  # each (B, P, D) -> (B, D)
+        out = {}
+        if "last" in kinds:
+            out["last"] = pooled[-1]  # (B, D)
+        if "concat4" in kinds:
+            out["concat4"] = torch.cat(pooled, 1)  # (B, 4D)
     return out
 
 
@@ -260,15 +252,14 @@ def gather_shards(x, n):
 
 
 @torch.no_grad()
-def extract(encoder, loader, kinds, device, autocast, desc):
-    """Features of the whole split -> ({kind: (N, F)}, labels (N,)), on `device`, in dataset order.
-    Under DDP each rank runs its shard and all ranks get everything."""
-    feats, labels = {k: [] for k in kinds}, []
+def extract(features, loader, device, desc):
+    """The one pass over a split that every evaluation makes: features(images (B, 3, H, W) on
+    `device`) -> {name: (B, F)} for each batch -> ({name: (N, F)}, labels (N,)) on `device`, in
+    dataset order. Under DDP each rank runs its shard and all ranks get everything."""
+    feats, labels = {}, []
     for images, y in tqdm(loader, desc=desc, disable=_dist()[0] != 0, leave=False, dynamic_ncols=True):
-        with autocast:
-            f = pooled_features(encoder, images.to(device, non_blocking=True), kinds)
-        for k in kinds:
-            feats[k].append(f[k])
+        for k, f in features(images.to(device, non_blocking=True)).items():
+            feats.setdefault(k, []).append(f)
         labels.append(y.to(device))
     n = len(loader.source)  # real images; the sampler pads the last shard with repeats
     return {k: gather_shards(torch.cat(v), n) for k, v in feats.items()}, gather_shards(torch.cat(labels), n)
@@ -316,9 +307,9 @@ def knn_monitor(target_encoder, args, device):
     was_training = target_encoder.training
     target_encoder.eval()
     bank_loader = _eval_loader(args, "train", bs, rank, world, device)
-    bank, bank_y = extract(target_encoder, bank_loader, ["last"], device, autocast, "kNN bank")
-    query, query_y = extract(target_encoder, _eval_loader(args, "val", bs, rank, world, device), ["last"],
-                             device, autocast, "kNN queries")
+    pool = lambda x: pooled_features(target_encoder, x, ["last"], autocast)  # noqa: E731
+    bank, bank_y = extract(pool, bank_loader, device, "kNN bank")
+    query, query_y = extract(pool, _eval_loader(args, "val", bs, rank, world, device), device, "kNN queries")
     target_encoder.train(was_training)
     votes = knn_votes(bank["last"], bank_y, query["last"], bank_loader.num_classes, ks, T)
     main_k = 20 if 20 in ks else ks[0]
@@ -337,12 +328,10 @@ PROBE_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop scale of the official probe 
 
 
 def dataset_labels(ds):
-    """(N,) int64 labels of a build_dataset set without decoding images where possible."""
-    if hasattr(ds, "tensors"):
+    """(N,) int64 labels of a build_dataset set, without decoding any image."""
+    if hasattr(ds, "tensors"):  # in-memory sets
         return ds.tensors()[1].cpu()
-    if hasattr(ds, "samples"):
-        return torch.tensor([y for _, y in ds.samples])
-    return torch.tensor([ds[i][1] for i in range(len(ds))])
+    return torch.tensor([y for _, y in ds.samples])  # ImageFolder
 
 
 def probe_loader(args, source, idx, batch_size, device, augment):
@@ -410,16 +399,6 @@ class ProbeGrid(nn.Module):
         return torch.einsum("bf,hfc->hbc", self.norm(x), self.weight) + self.bias  # (H, B, C)
 
 
-def make_probe(dims, num_classes, n_heads=1):
-    """{kind: F} -> ModuleDict {kind: ProbeGrid(F, C, n_heads)}."""
-    return nn.ModuleDict({k: ProbeGrid(d, num_classes, n_heads) for k, d in dims.items()})
-
-
-def probe_grid(args):
-    """The (lr per 256 images, wd) pairs of the grid, lr-major: [(lr, wd), ...] (H pairs)."""
-    return [(lr, wd) for lr in args.probe_lr for wd in args.probe_wd]
-
-
 @torch.no_grad()
 def sgd_nesterov_step(params, buffers, lr, wd, momentum=0.9):
     """torch.optim.SGD(momentum=0.9, nesterov=True, dampening=0) with a per-head lr and wd:
@@ -449,16 +428,17 @@ def cached_batches(feats, labels, batch_size, seed):
     return batches
 
 
-def streamed_batches(encoder, loader, kinds, device, autocast):
-    """Epoch -> batches of features extracted on the fly: freshly augmented crops (the paper's probe
-    training) or, without augmentation, a reshuffled pass when the features do not fit in memory."""
+def streamed_batches(pool, loader, device):
+    """Epoch -> batches of features pool(images) extracted on the fly: freshly augmented crops (the
+    paper's probe training) or, without augmentation, a reshuffled pass when the features do not
+    fit in memory."""
     def batches(epoch):
         loader.set_epoch(epoch)
         for images, y in loader:
             if len(y) < 2:  # BatchNorm needs two images
                 continue
-            with torch.no_grad(), autocast:
-                f = pooled_features(encoder, images.to(device, non_blocking=True), kinds)
+            with torch.no_grad():
+                f = pool(images.to(device, non_blocking=True))
             yield f, y.to(device)
     return batches
 
@@ -486,8 +466,8 @@ def linear_probe(train_batches, holdout, test, num_classes, args, device, batch_
     train_top1}, ...]}}. train_top1: on the cached training features after training (eval mode),
     or when streamed, on the last epoch's batches as they were seen (train mode, augmented).
     """
-    pairs = probe_grid(args)
-    heads = make_probe({k: f.shape[1] for k, f in test[0].items()}, num_classes, len(pairs)).to(device)
+    pairs = [(lr, wd) for lr in args.probe_lr for wd in args.probe_wd]  # (lr per 256 images, wd), lr-major
+    heads = nn.ModuleDict({k: ProbeGrid(f.shape[1], num_classes, len(pairs)) for k, f in test[0].items()}).to(device)
     base_lr = torch.tensor([lr * batch_size / 256 for lr, _ in pairs], device=device)  # (H,)
     wd = torch.tensor([w for _, w in pairs], device=device)  # (H,)
     params = list(heads.parameters())
@@ -520,6 +500,42 @@ def linear_probe(train_batches, holdout, test, num_classes, args, device, batch_
                   "grid": [{"lr": lr_, "wd": wd_, "holdout_top1": hold1[i].item(), "train_top1": train1[i].item()}
                            for i, (lr_, wd_) in enumerate(pairs)]}
     return out
+
+
+def linear_eval(pool, args, bank_loader, bank, val, device, cache):
+    """The linear-probe evaluation: hold out a stratified --probe-holdout share of the training split,
+    train the grid of heads on the rest, choose each kind's head on the held-out part, test it on val.
+    Training features are the cache `bank` (PCA-whitened with --probe-whiten, statistics of the fit
+    part only) or, when not cached, pool(images) of crops streamed every epoch (augmented with
+    --probe-aug). bank / val: ({kind: (N, F)}, labels (N,)); bank is (None, None) when not cached.
+    -> linear_probe's {kind: {lr, wd, ..., grid}}, each with n_fit and n_holdout."""
+    (feats, labels), source = bank, bank_loader.source
+    all_labels = labels.cpu() if labels is not None else dataset_labels(source)
+    fit_idx, hold_idx = holdout_split(all_labels, args.probe_holdout, args.seed)  # (N_fit,), (N_hold,)
+    test, fit = val, None
+    if cache:
+        take = lambda idx: ({k: f[idx.to(f.device)] for k, f in feats.items()},  # noqa: E731
+                            labels[idx.to(labels.device)])
+        fit, hold = take(fit_idx), take(hold_idx)
+        if args.probe_whiten:  # the same map for holdout and test
+            white = {k: whitening(f) for k, f in fit[0].items()}
+            fit, hold, test = [({k: (f - white[k][0]) @ white[k][1] for k, f in part.items()}, y)
+                               for part, y in (fit, hold, test)]  # each (N, F)
+        batches = cached_batches(*fit, args.probe_batch_size, args.seed)
+    else:
+        hold = extract(pool, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
+                       device, "holdout features")
+        loader = probe_loader(args, source, fit_idx, args.probe_batch_size, device, augment=args.probe_aug)
+        loader.sampler.shuffle = True  # without augmentation an eval loader has a fixed order
+        batches = streamed_batches(pool, loader, device)
+    threads = torch.get_num_threads()
+    if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
+        torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
+    probe = linear_probe(batches, hold, test, bank_loader.num_classes, args, device, args.probe_batch_size, fit=fit)
+    torch.set_num_threads(threads)
+    for r in probe.values():
+        r.update(n_fit=len(fit_idx), n_holdout=len(hold_idx))
+    return probe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,12 +612,12 @@ def finetune(encoder, args, device):
             bar.set_postfix(epoch=epoch, refresh=False)  # no loss here: .item() would sync every step
     bar.close()
     net.eval()
-    scores, labels = [], []
-    with torch.no_grad(), autocast:
-        for images, y in val_loader:
-            scores.append(head(net(images.to(device)).mean(1)).float())  # (B, C)
-            labels.append(y.to(device))
-    top1, top5 = topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+    def logits(images):
+        with autocast:
+            return {"logits": head(net(images).mean(1)).float()}  # (B, C)
+    scores, labels = extract(logits, val_loader, device, "fine-tune val")
+    top1, top5 = topk_accuracy(scores["logits"], labels)
     train_loss = torch.stack(losses).mean().item() if losses else None
     return {"val_top1": top1, "val_top5": top5, "train_loss": train_loss}
 
@@ -658,6 +674,23 @@ def plan_maps(plan, P):
     return ctx, tgt.view(R, G + 1, P)  # (R, P), (R, G+1, P)
 
 
+def object_overlap(regions, masks, p):
+    """How well the top region R_1 finds the class object. regions (n, P) of a patch grid (h, w),
+    masks (n, h*p, w*p) bool object pixels, p the patch size; a patch is "object" if at least half
+    of its pixels are. -> {top_region_object_overlap: share of images whose R_1 shares a patch with
+    the object (no R_1 = a miss), top_region_object_precision: mean share of R_1's patches on the
+    object, object_area: share of object patches (the precision a random region would get)}."""
+    n, h, w = masks.shape[0], masks.shape[1] // p, masks.shape[2] // p
+    obj = masks.float().view(n, h, p, w, p).mean((2, 4)).flatten(1) >= 0.5  # (n, P) mostly-object patches
+    top = regions == 1  # (n, P)
+    hit = (top & obj).sum(1)  # (n,)
+    has_top = top.any(1)
+    precision = hit[has_top] / top.sum(1)[has_top]  # (n_top,) share of R_1's patches on the object
+    return {"top_region_object_overlap": (hit > 0).float().mean().item(),
+            "top_region_object_precision": precision.mean().item() if has_top.any() else 0.0,
+            "object_area": obj.float().mean().item()}
+
+
 @torch.no_grad()
 def plan_picture(target_encoder, args, path, device):
     """PNG of held-out images, one row each: image | saliency | ranked regions | DSeq steps | I-JEPA.
@@ -684,19 +717,10 @@ def plan_picture(target_encoder, args, path, device):
     ranked = regions.masked_fill(regions >= N, 0).amax(1)  # (n,) K, the ranked regions of each image
     stats = {"images": n, "ranked_regions_per_image": ranked.float().mean().item()}
 
-    # --- top-region / object overlap (synthetic data knows where the object is)
     stats.update(top_region_object_overlap=None, top_region_object_precision=None, object_area=None)
-    if hasattr(loader.source, "object_mask"):
-        p = args.patch_size
-        masks = torch.stack([loader.source.object_mask(i) for i in range(n)]).float()  # (n, S, S)
-        obj = masks.view(n, h, p, w, p).mean((2, 4)).flatten(1) >= 0.5  # (n, P) mostly-object patches
-        top = regions == 1  # (n, P)
-        hit = (top & obj).sum(1)  # (n,)
-        has_top = top.any(1)
-        stats["top_region_object_overlap"] = (hit > 0).float().mean().item()  # no R_1 = a miss
-        precision = hit[has_top] / top.sum(1)[has_top]  # share of R_1's patches on the object
-        stats["top_region_object_precision"] = precision.mean().item() if has_top.any() else 0.0
-        stats["object_area"] = obj.float().mean().item()  # the precision a random region would get
+    if hasattr(loader.source, "object_mask"):  # synthetic data knows where the object is
+        masks = torch.stack([loader.source.object_mask(i) for i in range(n)])  # (n, S, S)
+        stats.update(object_overlap(regions, masks, args.patch_size))
 
     # --- the plans of the shown images, built by masking.py as in training
     m, gen = min(n_show, n), torch.Generator().manual_seed(args.seed)
@@ -798,10 +822,6 @@ def plan_picture(target_encoder, args, path, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line
-
-
-# ----------------------------------------------------------------------------------------------
 # Region statistics: how many ranked regions the extractor finds, and which ablations change a plan
 
 # The ablation flags of train.py, each as the dseq_plan / extractor settings it changes. "default" is
@@ -845,20 +865,16 @@ def region_statistics(A, grid, alphas, n_regions=5, seed=0):
     """Histogram of ranked regions per image and, per ablation flag, the share of plans it changes.
 
     A: (n, P) raw saliency maps (saliency.saliency_map) of the held-out images, grid (h, w).
-    For each alpha: regions = saliency.regions_from_saliency(A, grid, N, alpha), then
-      hist[K]  = images with K ranked regions R_1..R_K (K = 0..N-1), ranked_mean = mean K;
-      differs[flag] = share of images whose DSeq plan under that flag differs from the default plan.
-    "Differs" means: the set of prediction steps (plan_steps: each target region with the context
-    it is predicted from, split by encoder level) is not the same set. Under this definition an
-    image with K <= 1 ranked regions (plan "R_1 -> background", or no DSeq plan at all) is changed
-    by no flag; flat and reverse change every image with K >= 2; replicate changes every image
-    with K >= 2 (its step 2 sees R_1 u R_2 as one level); regions=3 changes images with K >= 3
-    (R_3.. join the background); regions=7 those with K >= 5; random order (one seeded draw per
-    image) and raster order change an image when they reorder its ranked regions.
-    Also, the same for every alpha, positional_share = the share of the variance of the Eq. 1 maps
-    A~ (n, P) that a map of position alone explains: sum_j n (mean_i A~_ij - mean A~)^2 / sum_ij
-    (A~_ij - mean A~)^2, the R^2 of "saliency = a fixed picture". Near 1, the regions are the same
-    patches in every image whatever it shows (a positional artefact, not discriminative regions).
+    For each alpha (regions = saliency.regions_from_saliency(A, grid, N, alpha)):
+      hist[K] = images with K ranked regions R_1..R_K (K = 0..N-1), ranked_mean = mean K;
+      differs[flag] = share of images whose set of prediction steps (plan_steps) under that flag
+      differs from the default plan's. So an image with K <= 1 is changed by no flag; flat, reverse
+      and replicate change every image with K >= 2; regions=3 those with K >= 3, regions=7 those
+      with K >= 5; random and raster order those whose ranked regions they reorder.
+    positional_share (the same for every alpha): the R^2 of "saliency = a fixed picture", the share
+    of the variance of the Eq. 1 maps A~ (n, P) explained by position alone,
+    sum_j n (mean_i A~_ij - mean A~)^2 / sum_ij (A~_ij - mean A~)^2. Near 1, the regions are the
+    same patches in every image whatever it shows (a positional artefact).
     Returns {alpha: {"images", "hist", "ranked_mean", "positional_share", "differs": {flag: share}}}."""
     n, N = A.shape[0], n_regions
     An = saliency.normalise(A).double()  # (n, P) Eq. 1, what Otsu thresholds
@@ -886,15 +902,13 @@ def region_statistics(A, grid, alphas, n_regions=5, seed=0):
     return out
 
 
-@torch.no_grad()
 def saliency_maps(encoder, loader, args, device, autocast):
     """Raw CLS saliency maps of the whole split: (N, P) fp32 on the CPU, in dataset order."""
-    maps = []
-    for images, _ in tqdm(loader, desc="saliency", leave=False, dynamic_ncols=True):
+    def maps(images):
         with autocast:
-            z = encoder.features(images.to(device), layers=(args.saliency_layer,))[0]  # (B, P, D)
-        maps.append(saliency.saliency_map(z.float(), encoder.cls_token).cpu())  # (B, P)
-    return torch.cat(maps)
+            z = encoder.features(images, layers=(args.saliency_layer,))[0]  # (B, P, D)
+        return {"A": saliency.saliency_map(z.float(), encoder.cls_token)}  # (B, P)
+    return extract(maps, loader, device, "saliency")[0]["A"].cpu()
 
 
 def print_region_table(stats, N):
@@ -911,6 +925,10 @@ def print_region_table(stats, N):
           + f"{'alpha':>6} " + " ".join(f"{f:>21}" for f in flags))
     for alpha, s in stats.items():
         print(f"{alpha:>6g} " + " ".join(f"{s['differs'][f]:>21.3f}" for f in flags))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
 
 
 def main(argv=None):
@@ -943,10 +961,11 @@ def main(argv=None):
         bank_loader = _eval_loader(args, "train", args.eval_batch_size, device=device)
         val_loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
         num_classes = bank_loader.num_classes
+        pool = lambda x: pooled_features(encoder, x, kinds, autocast)  # noqa: E731
         bank, bank_y = None, None
         if "knn" in evals or ("linear" in evals and cache):
-            bank, bank_y = extract(encoder, bank_loader, kinds, device, autocast, "train features")
-        val, val_y = extract(encoder, val_loader, kinds, device, autocast, "val features")
+            bank, bank_y = extract(pool, bank_loader, device, "train features")
+        val, val_y = extract(pool, val_loader, device, "val features")
     # 2. kNN
     if "knn" in evals:
         for f in kinds:
@@ -959,36 +978,11 @@ def main(argv=None):
     #    on features streamed every epoch (augmented crops with --probe-aug)
     probe = {}
     if "linear" in evals:
-        source = bank_loader.source
-        labels = bank_y.cpu() if bank_y is not None else dataset_labels(source)
-        fit_idx, hold_idx = holdout_split(labels, args.probe_holdout, args.seed)  # (N_fit,), (N_hold,)
-        if cache:
-            fit = ({k: f[fit_idx.to(f.device)] for k, f in bank.items()}, bank_y[fit_idx.to(bank_y.device)])
-            hold = ({k: f[hold_idx.to(f.device)] for k, f in bank.items()}, bank_y[hold_idx.to(bank_y.device)])
-            test = (val, val_y)
-            if args.probe_whiten:  # statistics of the fit part only; the same map for holdout and test
-                white = {k: whitening(f) for k, f in fit[0].items()}
-                fit, hold, test = [({k: (f - white[k][0]) @ white[k][1] for k, f in part.items()}, y)
-                                   for part, y in (fit, hold, test)]  # each (N, F)
-            batches = cached_batches(*fit, args.probe_batch_size, args.seed)
-        else:
-            test = (val, val_y)
-            fit = None
-            hold = extract(encoder, probe_loader(args, source, hold_idx, args.eval_batch_size, device, augment=False),
-                           kinds, device, autocast, "holdout features")
-            loader = probe_loader(args, source, fit_idx, args.probe_batch_size, device, augment=args.probe_aug)
-            loader.sampler.shuffle = True  # without augmentation an eval loader has a fixed order
-            batches = streamed_batches(encoder, loader, kinds, device, autocast)
-        threads = torch.get_num_threads()
-        if cache and device.type == "cpu":  # tiny steps: thread barriers cost more than they save, and
-            torch.set_num_threads(1)        # on busy cores they dominate (measured 0.7 s vs 8-40 s, demo set)
-        probe = linear_probe(batches, hold, test, num_classes, args, device, args.probe_batch_size, fit=fit)
-        torch.set_num_threads(threads)
+        probe = linear_eval(pool, args, bank_loader, (bank, bank_y), (val, val_y), device, cache)
         for f, r in probe.items():
-            r.update(n_fit=len(fit_idx), n_holdout=len(hold_idx))
             for metric in ("train_top1", "holdout_top1", "val_top1", "val_top5"):
                 add("linear", f, metric, r[metric], lr=r["lr"], wd=r["wd"], epochs=args.probe_epochs,
-                    augment=args.probe_aug, whiten=args.probe_whiten, n_fit=len(fit_idx), n_holdout=len(hold_idx))
+                    augment=args.probe_aug, whiten=args.probe_whiten, n_fit=r["n_fit"], n_holdout=r["n_holdout"])
     # 4. fine-tuning
     if "finetune" in evals:
         for metric, value in finetune(encoder, args, device).items():

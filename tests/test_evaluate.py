@@ -121,7 +121,7 @@ def test_probe_step_is_torch_sgd_nesterov_per_head():
 
 
 def test_probe_heads_are_batchnorm_without_affine_and_independent():
-    grid = evaluate.make_probe({"last": 6}, 3, n_heads=4)["last"]
+    grid = evaluate.ProbeGrid(6, 3, n_heads=4)
     assert isinstance(grid.norm, nn.BatchNorm1d) and not grid.norm.affine
     x = torch.randn(5, 6)
     assert grid(x).shape == (4, 5, 3)  # (H, B, C)

@@ -207,17 +207,12 @@ def parse_args(argv=None, parser=None):
     return args
 
 
-def default_out_dir(args):
-    """out/PRESET, with -ijepa / -replicate for those variants: the README's commands never share a folder."""
-    return os.path.join("out", args.preset + ("-ijepa" if args.method == "ijepa" else "")
-                        + ("-replicate" if args.dseq_pass == "replicate" else ""))
-
-
 def check_args(args, parser):
     """Bad values and flag combinations fail here, at parse time, with the fix in the message:
     nothing has been read, built or written yet."""
-    if args.out_dir is None:
-        args.out_dir = default_out_dir(args)
+    if args.out_dir is None:  # out/PRESET, plus -ijepa / -replicate: the README's commands never share a folder
+        args.out_dir = os.path.join("out", args.preset + ("-ijepa" if args.method == "ijepa" else "")
+                                    + ("-replicate" if args.dseq_pass == "replicate" else ""))
     try:
         data.check_img_size(args.img_size, args.patch_size)
     except data.DataError as e:
@@ -324,7 +319,15 @@ def rng_state(generator):
 
 def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
     """Every process calls this (each rank's random streams are gathered); rank 0 writes the file.
-    "rng" is a list indexed by rank: every rank draws its own plans and resumes its own stream."""
+    "rng" is a list indexed by rank: every rank draws its own plans and resumes its own stream.
+    Only finite weights below MAX_ABS_WEIGHT (after a finite loss, agreed by the loop) become "the last
+    good checkpoint"; DDP keeps the weights identical on every rank, so every rank stops here alike."""
+    for name, m in zip(("encoder", "predictor", "target_encoder"), models):
+        top = torch.stack([p.detach().abs().amax() for p in m.parameters()]).amax().item()  # one read per network
+        if not math.isfinite(top) or top > MAX_ABS_WEIGHT:  # amax propagates NaN
+            fail(f"step {step}: {name} holds a weight of magnitude {top:.3g} (bound {MAX_ABS_WEIGHT:g}); the run "
+                 f"diverged, so no checkpoint is written (the last good one in {args.out_dir} is "
+                 "intact). Try a lower --lr or --clip-grad 1.0.")
     rank, world = dist_info()
     rngs = [rng_state(generator)]
     if world > 1:
@@ -358,15 +361,6 @@ def load_checkpoint(path, fix="pass --resume with another file, or --no-auto-res
     if missing:
         fail(f"{path} is not a dseq-jepa training checkpoint (missing {missing}); {fix}")
     return ckpt
-
-
-def weights_are_sane(models):
-    """(ok, why): every weight finite and below MAX_ABS_WEIGHT (see there), checked before a checkpoint."""
-    for name, m in zip(("encoder", "predictor", "target_encoder"), models):
-        top = torch.stack([p.detach().abs().amax() for p in m.parameters()]).amax().item()  # one read per network
-        if not math.isfinite(top) or top > MAX_ABS_WEIGHT:  # amax propagates NaN
-            return False, f"{name} holds a weight of magnitude {top:.3g} (bound {MAX_ABS_WEIGHT:g})"
-    return True, ""
 
 
 def restore(ckpt, path, models, optimizer, scaler, generator):

@@ -14,7 +14,8 @@ The step (train_step below) reads top to bottom as the paper:
   6. backward + AdamW step (train loop)
   7. EMA update of the target encoder
 Schedules (lr, wd, EMA momentum, lambda) are pure functions of the global step, so resuming needs
-only the step. Only rank 0 logs and writes.
+only the step. Only rank 0 logs and writes. The flags, checkpoints, devices and processes are
+config.py's (shared with evaluate.py): this file is the method and the loop.
 """
 
 import copy
@@ -202,6 +203,7 @@ def wrap_for_speed(models, args, world, device):
 
 
 def main(argv=None):
+    # --- config: flags (checked at parse time), processes (torchrun), device, precision, resume
     args = config.parse_args(argv)
     rank, world, local_rank = config.setup_distributed()
     master = rank == 0
@@ -328,12 +330,6 @@ def main(argv=None):
                     log.write(json.dumps(row) + "\n")
                     log.flush()
             if step % args.ckpt_every == 0 or step == stop_at or stop:  # every rank: gathers the RNG states
-                # only finite, bounded weights after a finite loss (agreed above) become "good"; DDP keeps
-                # the weights identical on every rank, so every rank reaches the same verdict and exits
-                ok, why = config.weights_are_sane(models)
-                if not ok:
-                    config.fail(f"step {step}: {why}; the run diverged, so no checkpoint is written (the last "
-                                f"good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
                 config.save_checkpoint(ckpt_path, models, optimizer, scaler, step, args, generator)
             if step >= stop_at or stop:
                 break

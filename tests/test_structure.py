@@ -1,13 +1,13 @@
 """The code reads one way: imports point down, never in a circle, and every top-level file reads in
-one sitting. The layers (README, "Files"):
+one sitting. The layers, bottom first (README, "Files"):
 
-    model, saliency, masking, data     the method and its data; import none of the files below
-    config                             the shared parser, checkpoints, devices; imports the layer above
-    evaluate                           imports config (never train)
+    model, saliency, masking, data     the method and its data: import no file of a higher layer
+    config                             the shared parser, checkpoints, devices: imports the bottom layer only
+    evaluate                           imports config, never train
     train                              imports config and evaluate
     seeds, bench                       may import anything
 
-Parsed from the source (ast), so nothing is imported or run."""
+Read from the source (ast), so nothing is imported or run."""
 import ast
 import os
 

@@ -61,6 +61,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import masking
 import saliency
@@ -275,7 +276,7 @@ def memory_probe(args, targs, device):
     """Child process: one warm-up step, reset the peak-RSS counter, one measured step."""
     models, step_models, optimizer, cfgs = setup(args, targs, device)
     images, maps = torch.load(args.probe_images)
-    autocast, _ = train.make_autocast(targs, device)
+    autocast, _ = config.make_autocast(targs, device)
     full_step(models, step_models, optimizer, images, cfgs[args.probe], maps, autocast)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # Linux: VmHWM := current RSS
@@ -444,8 +445,8 @@ def machine(device):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = get_parser().parse_known_args(argv)
-    targs = train.parse_args(TRAIN_DEFAULTS + rest)  # train.py's flags, help and checks
-    device = train.pick_device(targs, 0)
+    targs = config.parse_args(TRAIN_DEFAULTS + rest)  # train.py's flags, help and checks
+    device = config.pick_device(targs, 0)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
@@ -456,7 +457,7 @@ def main(argv=None):
     if args.demo_time:
         return write_json(demo_time(rest), args.json)
     info = {"command": "python bench.py " + shlex.join(argv), "machine": machine(device)}
-    autocast, _ = train.make_autocast(targs, device)
+    autocast, _ = config.make_autocast(targs, device)
     amp = targs.amp if targs.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     print(info["command"])
     print(" | ".join(f"{k} {v}" for k, v in info["machine"].items()), f"| device {device} | amp {amp} "

@@ -27,7 +27,7 @@ Protocols (the paper's, after I-JEPA). Features come from the frozen TARGET enco
 Bank / training features come from the training split, queries from the val split. The CLI runs in
 one process; train.py also calls knn_monitor (sharded over torchrun ranks) and plan_picture.
 
-Configuration: ONE parser, train.py's, plus the "evaluation" group below. With --checkpoint, every
+Configuration: ONE parser, config.py's, plus the "evaluation" group below. With --checkpoint, every
 training flag is read from the checkpoint's saved config EXCEPT the machine flags in MACHINE_KEYS
 and the flags typed on the command line, which win; typed model flags must agree with the
 checkpoint. --out-dir defaults to the checkpoint's folder. The official evaluation could not load
@@ -51,11 +51,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import config
 import data
 import masking
 import model as vit
 import saliency
-import train
 
 MODEL_KEYS = ("model", "img_size", "patch_size", "pred_dim", "pred_depth")  # must match the weights
 # Properties of the machine running the evaluation, never taken from the training run's config.
@@ -65,8 +65,8 @@ EVALS = ("knn", "linear", "finetune", "picture", "regions")
 
 
 def get_args_parser():
-    """train.py's parser (the one shared configuration) plus an "evaluation" group."""
-    p = train.get_args_parser()
+    """config.py's parser (the one shared configuration) plus an "evaluation" group."""
+    p = config.get_args_parser()
     p.description = "Evaluate a DSeq-JEPA / I-JEPA checkpoint, or a random-init / raw-pixel baseline"
     g = p.add_argument_group("evaluation")
     g.add_argument("--checkpoint", default=None, help="train.py checkpoint; its target encoder is evaluated")
@@ -116,7 +116,7 @@ def get_args_parser():
 
 
 def _opt(args, name):
-    """An evaluation flag; train.py's args (from train's parser) lack the group, so use its default."""
+    """An evaluation flag; train.py's args (config's parser without this group) lack it: its default."""
     return getattr(args, name) if hasattr(args, name) else get_args_parser().get_default(name)
 
 
@@ -124,7 +124,7 @@ def resolve_config(argv=None):
     """Parse argv; with --checkpoint, fill in the training flags from the checkpoint's config.
     Returns (args, checkpoint dict or None)."""
     parser = get_args_parser()
-    args = train.parse_args(argv, parser)
+    args = config.parse_args(argv, parser)
     probe = get_args_parser()  # parsed again with every default hidden: the dests of the typed flags
     for action in probe._actions:
         action.default = argparse.SUPPRESS
@@ -151,12 +151,12 @@ def resolve_config(argv=None):
     if args.init == "random" or args.pixels:
         parser.error("--checkpoint cannot be combined with --init random or --pixels (baselines need no weights)")
     # one-line error if missing, corrupt or not a training checkpoint; the fix names OUR flag
-    ckpt = train.load_checkpoint(args.checkpoint, fix="check --checkpoint: it must name a checkpoint.pt written by train.py")
+    ckpt = config.load_checkpoint(args.checkpoint, fix="check --checkpoint: it must name a checkpoint.pt written by train.py")
     saved = ckpt["config"]
     for key in MODEL_KEYS:
         if key in given and getattr(args, key) != saved.get(key):
-            train.fail(f"--{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
-                       f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
+            config.fail(f"--{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
+                        f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
                        "(model flags are read from the checkpoint)")
     for key, value in saved.items():
         if key not in given and key not in MACHINE_KEYS and hasattr(args, key):
@@ -176,8 +176,8 @@ def load_target_encoder(ckpt, args, path):
               if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         flags = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in MODEL_KEYS)
-        train.fail(f"checkpoint {path} does not fit the target encoder built from {flags}: "
-                 f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, shape mismatches (checkpoint vs "
+        config.fail(f"checkpoint {path} does not fit the target encoder built from {flags}: "
+                    f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, shape mismatches (checkpoint vs "
                  f"model) {shapes[:4]}. Evaluate it with the flags it was trained with (its saved config).")
     encoder.load_state_dict(state, strict=True)
     return encoder.requires_grad_(False).eval()
@@ -303,7 +303,7 @@ def knn_monitor(target_encoder, args, device):
     all ranks get the same result. -> {top1, top5, k, split, n_bank, n_query, ...} (percent)."""
     rank, world = _dist()
     bs, ks, T = _opt(args, "eval_batch_size"), _opt(args, "knn_k"), _opt(args, "knn_t")
-    autocast, _ = train.make_autocast(args, device)
+    autocast, _ = config.make_autocast(args, device)
     was_training = target_encoder.training
     target_encoder.eval()
     bank_loader = _eval_loader(args, "train", bs, rank, world, device)
@@ -573,7 +573,7 @@ def ft_lr_at(step, peak, total, warmup, final):
 def finetune(encoder, args, device):
     """Full fine-tuning of a copy of the encoder with an average-pooled linear head (no CLS).
     -> {val_top1, val_top5, train_loss} (percent; train_loss = mean of the last epoch)."""
-    autocast, scaler = train.make_autocast(args, device)  # scaler only for --amp fp16
+    autocast, scaler = config.make_autocast(args, device)  # scaler only for --amp fp16
     train_loader = _eval_loader(args, "train", args.ft_batch_size, device=device, augment=True)
     val_loader = _eval_loader(args, "val", args.eval_batch_size, device=device)
     net = copy.deepcopy(encoder).requires_grad_(True).train().to(device)
@@ -934,7 +934,7 @@ def print_region_table(stats, N):
 def main(argv=None):
     """The command line (see the top of the file). Returns the report that is also written as JSON."""
     args, ckpt = resolve_config(argv)
-    device = train.pick_device(args, 0)
+    device = config.pick_device(args, 0)
     torch.manual_seed(args.seed)  # the random-init baseline and the probe heads are reproducible
     evals = args.eval.split(",")
     init = "pixels" if args.pixels else args.init
@@ -946,7 +946,7 @@ def main(argv=None):
             encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size).requires_grad_(False)
         encoder = encoder.eval().to(device)
         kinds = ["last", "concat4"] if args.features == "both" else [args.features]
-    autocast, _ = train.make_autocast(args, device)
+    autocast, _ = config.make_autocast(args, device)
     cache = args.probe_cache if args.probe_cache is not None else not args.probe_aug
     what = args.checkpoint or f"{args.model} ViT" if encoder is not None else "(no encoder)"
     print(f"evaluating {init} {what} ({args.dataset}, {args.img_size} px) on {device}: {', '.join(evals)}; "
@@ -1039,4 +1039,4 @@ if __name__ == "__main__":
     try:
         main()
     except data.DataError as e:  # the message names the data and the fix; a traceback adds nothing
-        train.fail(train.data_error_line(e))
+        config.fail(config.data_error_line(e))

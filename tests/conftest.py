@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test starts on one thread, whatever an earlier in-process train.main / bench.main set
-    (train.fit_threads sizes torch's threads to the machine when OMP_NUM_THREADS is not set)."""
+    (config.fit_threads sizes torch's threads to the machine when OMP_NUM_THREADS is not set)."""
     torch.set_num_threads(1)
     yield
 

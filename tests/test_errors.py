@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 import evaluate
 import train
@@ -85,13 +86,13 @@ def run_dir(tmp_path_factory):
     (["--resume-override", "model"], "--resume-override model: only epochs"),
 ])
 def test_bad_value_is_one_line_at_parse_time(flags, message, capsys):
-    line = one_line_exit_2(capsys, lambda: train.parse_args(flags))
+    line = one_line_exit_2(capsys, lambda: config.parse_args(flags))
     assert message in line, line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto device is CUDA here: fp16 is valid")
 def test_fp16_on_an_auto_cpu_device_is_caught(capsys):
-    assert "--amp fp16 needs CUDA" in one_line_exit_2(capsys, lambda: train.parse_args(["--amp", "fp16"]))
+    assert "--amp fp16 needs CUDA" in one_line_exit_2(capsys, lambda: config.parse_args(["--amp", "fp16"]))
 
 
 def test_help_shows_the_demo_defaults_and_the_script_name():
@@ -137,9 +138,9 @@ def test_resume_override_and_free_flags_continue_the_run(run_dir, tmp_path):
 
 
 def test_default_out_dirs_differ_per_readme_command():
-    demo, ijepa = train.parse_args([]), train.parse_args(["--method", "ijepa"])
-    replicate = train.parse_args(["--dseq-pass", "replicate"])
-    cifar = train.parse_args(["--preset", "cifar10-tiny", "--data-path", "x"])
+    demo, ijepa = config.parse_args([]), config.parse_args(["--method", "ijepa"])
+    replicate = config.parse_args(["--dseq-pass", "replicate"])
+    cifar = config.parse_args(["--preset", "cifar10-tiny", "--data-path", "x"])
     dirs = [a.out_dir for a in (demo, ijepa, replicate, cifar)]
     assert len(set(dirs)) == 4 and dirs[0] == os.path.join("out", "demo")
     random_init, _ = evaluate.resolve_config(["--init", "random"])
@@ -193,7 +194,7 @@ def test_run_saves_its_class_map_and_evaluation_uses_it(tmp_path):
     out = str(tmp_path / "run")
     train.main(FOLDER + ["--data-path", str(root), "--out-dir", out, "--batch-size", "4", "--epochs", "1",
                          "--knn-every", "0", "--no-picture", "--alpha", "0.1"])
-    ckpt = train.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = config.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ckpt["config"]["class_to_idx"] == {"cat": 0, "dog": 1}
     assert json.load(open(os.path.join(out, "config.json")))["class_to_idx"] == {"cat": 0, "dog": 1}
     # the train folder is renamed away later: evaluation still labels val by the saved map

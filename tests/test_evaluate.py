@@ -15,6 +15,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
+import config
 import data
 import evaluate
 import masking
@@ -40,7 +41,7 @@ def trained(tmp_path_factory):
 
 
 def eval_args(*flags):
-    return train.parse_args(list(flags), evaluate.get_args_parser())
+    return config.parse_args(list(flags), evaluate.get_args_parser())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +450,8 @@ def test_top_region_object_overlap_scores_the_object(trained, tmp_path, monkeypa
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    import evaluate, train
-    args = train.parse_args({flags!r})
+    import config, evaluate, train
+    args = config.parse_args({flags!r})
     torch.manual_seed(0)
     target = train.build_models(args)[2]
     if "RANK" in os.environ:

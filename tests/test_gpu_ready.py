@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import config
 import data
 import masking
 import model as vit
@@ -109,7 +110,7 @@ def test_a_compiled_lambda_mixed_run_compiles_a_handful_of_graphs():
     torch._dynamo.reset()
     counters.clear()
     # an 8 x 8 grid: on 4 x 4 the official-rule I-JEPA sampler has too few block shapes to vary the plans
-    args = train.parse_args(TINY + ["--compile", "--img-size", "32"])
+    args = config.parse_args(TINY + ["--compile", "--img-size", "32"])
     models = tiny_models(img_size=32)
     compile_eager = functools.partial(torch.compile, backend="eager")  # dynamo's graph capture, no codegen
     real, torch.compile = torch.compile, compile_eager
@@ -146,16 +147,16 @@ def test_default_workers_and_threads_fit_the_cpus():
 
 
 def test_fit_threads_respects_omp_num_threads(monkeypatch):
-    args = train.parse_args(TINY[:-2])  # --num-workers left at its default
+    args = config.parse_args(TINY[:-2])  # --num-workers left at its default
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        train.fit_threads(args, torch.device("cpu"))
+        config.fit_threads(args, torch.device("cpu"))
         assert torch.get_num_threads() == 1  # the user's choice stands
         monkeypatch.delenv("OMP_NUM_THREADS")
         torch.set_num_threads(256)  # as if torch's default were a huge machine's
-        workers = train.fit_threads(args, torch.device("cpu"))
+        workers = config.fit_threads(args, torch.device("cpu"))
         assert torch.get_num_threads() == data.default_num_threads(workers)  # what this one has
     finally:
         torch.set_num_threads(before)
@@ -168,7 +169,7 @@ def test_fit_threads_respects_omp_num_threads(monkeypatch):
 @pytest.mark.cuda
 def test_a_training_step_syncs_the_host_once_for_the_plan():
     device = torch.device("cuda")
-    args = train.parse_args(TINY[:-4] + ["--device", "cuda", "--num-workers", "0"])
+    args = config.parse_args(TINY[:-4] + ["--device", "cuda", "--num-workers", "0"])
     models = tiny_models(device)
     opt = train.make_optimizer(models[0], models[1], args)
     images, g = torch.randn(4, 3, 16, 16, device=device), torch.Generator(device=device).manual_seed(0)

@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 
+import config
 import evaluate
 import seeds
 import train
@@ -89,7 +90,7 @@ def test_ablation_table_changes_one_flag_each_of_the_default_demo_run():
     table = seeds.TABLES["ablations"]
     assert table["dseq-causal"]["train"] == seeds.TABLES["demo"]["dseq-causal"]["train"]
     keys = ("method", "prediction", "region_order", "dseq_pass", "regions", "alpha", "epochs", "preset")
-    parsed = {name: vars(train.parse_args(c["train"])) for name, c in table.items()}
+    parsed = {name: vars(config.parse_args(c["train"])) for name, c in table.items()}
     default = {k: parsed["dseq-causal"][k] for k in keys}
     assert default["method"] == "dseq" and default["preset"] == "demo"
     expected = {"flat": ("prediction", "flat"), "random-order": ("region_order", "random"),

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import config
 import masking
 import train
 
@@ -63,7 +64,7 @@ def test_twenty_steps_loss_falls(tmp_path, method):
 
 
 def test_schedules_at_known_steps():
-    args = train.parse_args(["--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6"])
+    args = config.parse_args(["--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6"])
     total, warmup = 1000, 100
     assert train.lr_at(0, args, total, warmup) == pytest.approx(1e-4)
     assert train.lr_at(50, args, total, warmup) == pytest.approx(5.5e-4)
@@ -77,7 +78,7 @@ def test_schedules_at_known_steps():
     assert train.ema_at(500, args, total) == pytest.approx(0.998)
     assert train.ema_at(1000, args, total) == pytest.approx(1.0)
     assert train.lambda_at(250, args, total) == pytest.approx(0.25)
-    ij = train.parse_args(["--method", "ijepa"])
+    ij = config.parse_args(["--method", "ijepa"])
     assert train.lambda_at(999, ij, total) == 0.0
 
 
@@ -93,7 +94,7 @@ def test_ema_step_equals_hand_computation():
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    args = train.parse_args(TINY)
+    args = config.parse_args(TINY)
     enc, pred, _ = train.build_models(args)
     opt = train.make_optimizer(enc, pred, args)
     decay, no_decay = opt.param_groups
@@ -103,7 +104,7 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def test_loss_ignores_padding_and_matches_a_plain_mean():
-    args = train.parse_args(TINY)
+    args = config.parse_args(TINY)
     enc, pred, _ = train.build_models(args)
     g = torch.Generator().manual_seed(0)
     ctx, tgts = masking.sample_multiblock(2, enc.grid, g, "cpu")
@@ -134,7 +135,7 @@ def test_split_step_has_the_same_loss_and_gradients(method, lam):
     """Sub-batches (masking.split_plan) change which rows share a padded width, nothing else: the
     loss is the sum of per-token losses over all real target tokens, so loss and gradients equal
     those of one padded batch (fp32, up to summation order). An 8 x 8 grid, so rows differ."""
-    args = train.parse_args(TINY + ["--img-size", "32", *method])
+    args = config.parse_args(TINY + ["--img-size", "32", *method])
     one, one_grads, plan = _step_grads(args, 1, lam)
     split, split_grads, _ = _step_grads(args, 4, lam)
     assert len(masking.split_plan(plan, 4)) > 1  # the split really happened
@@ -147,7 +148,7 @@ def test_split_step_has_the_same_loss_and_gradients(method, lam):
 
 def test_pack_splits_one_is_the_single_padded_batch_exactly():
     """--pack-splits 1 runs the step on the one padded plan, bit for bit as before the split existed."""
-    args = train.parse_args(TINY + ["--img-size", "32", "--pack-splits", "1"])
+    args = config.parse_args(TINY + ["--img-size", "32", "--pack-splits", "1"])
     loss, grads, plan = _step_grads(args, 1, 0.5)
     torch.manual_seed(0)
     enc, pred, tgt_enc = train.build_models(args)
@@ -202,7 +203,7 @@ def test_sigterm_writes_a_loadable_checkpoint(tmp_path):
         train.ema_update = orig
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert step == 3
-    ckpt = train.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = config.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ckpt["step"] == 3 and ckpt["config"]["model"] == "micro"
 
 
@@ -211,16 +212,16 @@ def test_rng_restore_per_rank_and_on_another_process_count(capsys):
     it restores exactly in one process; states of another number of processes cannot continue, so
     the run reseeds from (seed, step, rank) and says so."""
     g = torch.Generator().manual_seed(1)
-    state = train.rng_state(g)
+    state = config.rng_state(g)
     ref = torch.rand(3, generator=g)
     for saved in (state, [state]):  # the old format and the per-rank list
         g2 = torch.Generator()
-        train.restore_rng(saved, g2, step=5, seed=0)
+        config.restore_rng(saved, g2, step=5, seed=0)
         assert torch.equal(torch.rand(3, generator=g2), ref)
     g3, g4 = torch.Generator(), torch.Generator()
-    train.restore_rng([state, state], g3, step=5, seed=0)  # written by 2 processes, resumed by 1
+    config.restore_rng([state, state], g3, step=5, seed=0)  # written by 2 processes, resumed by 1
     assert "random state of 2 process(es), this run has 1" in capsys.readouterr().out
-    train.restore_rng([state, state], g4, step=5, seed=0)
+    config.restore_rng([state, state], g4, step=5, seed=0)
     fresh = torch.rand(3, generator=g3)
     assert torch.equal(fresh, torch.rand(3, generator=g4)) and not torch.equal(fresh, ref)
     torch.manual_seed(0)  # leave the global stream as other tests expect it
@@ -264,14 +265,14 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
 ])
 def test_bad_flags_fail_at_parse_time(flags, message, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(flags)
+        config.parse_args(flags)
     assert message in capsys.readouterr().err
 
 
 def test_presets_set_defaults_and_flags_override():
-    args = train.parse_args(["--preset", "in1k-vit-base", "--data-path", "x", "--epochs", "3"])
+    args = config.parse_args(["--preset", "in1k-vit-base", "--data-path", "x", "--epochs", "3"])
     assert (args.model, args.batch_size, args.img_size, args.epochs) == ("base", 2048, 224, 3)
-    demo = train.parse_args([])
+    demo = config.parse_args([])
     assert demo.preset == "demo" and demo.dataset == "synthetic"
 
 
@@ -282,9 +283,9 @@ def test_presets_set_defaults_and_flags_override():
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
-    import masking, train
+    import config, masking, train
     from torch.nn.parallel import DistributedDataParallel as DDP
-    args = train.parse_args({tiny!r})
+    args = config.parse_args({tiny!r})
     torch.manual_seed(0)
     enc, pred, tgt = train.build_models(args)
     g = torch.Generator().manual_seed(1)
@@ -337,7 +338,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 11))  # 160 images / global batch 16; one writer, no duplicates
     assert any("knn_top1" in r for r in rows)
-    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 10
+    assert config.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 10
 
 
 @pytest.mark.parametrize("flags", [["--prediction", "flat"], ["--region-order", "reverse"], ["--region-order", "random"],
@@ -346,7 +347,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
 def test_ablation_flags_reach_the_plan(flags):
     """Every ablation of the paper's tables is a flag that changes the plan, not the networks."""
     from contextlib import nullcontext
-    args = train.parse_args(TINY + flags)
+    args = config.parse_args(TINY + flags)
     torch.manual_seed(0)
     models = train.build_models(args)
     g = torch.Generator().manual_seed(0)
@@ -371,7 +372,7 @@ def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
     out, step, rows = run(tmp_path, "--compile", "--stop-at-step", "2")
     assert step == 2 and all(math.isfinite(r["loss"]) for r in rows)
     ckpt = weights(out)
-    args = train.parse_args(TINY)
+    args = config.parse_args(TINY)
     enc, pred, _ = train.build_models(args)
     assert set(ckpt["encoder"]) == set(enc.state_dict()) and set(ckpt["predictor"]) == set(pred.state_dict())
 
@@ -391,7 +392,7 @@ def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
 HOOKED_MAIN = textwrap.dedent("""
     import hashlib, json, os, signal, sys, time
     sys.path.insert(0, {root!r})
-    import train
+    import config, train
 
     env = os.environ.get
     rank, out = int(env("RANK", "0")), env("HOOK_OUT")
@@ -406,7 +407,7 @@ HOOKED_MAIN = textwrap.dedent("""
             return int(spec.split(":")[1])
 
     real_build, real_plan, real_ema, real_loss = train.build_models, train.make_plan, train.ema_update, train.jepa_loss
-    real_handler = train.Preemption._handler
+    real_handler = config.Preemption._handler
     got_signal = []
 
     def build_models(args):
@@ -439,7 +440,7 @@ HOOKED_MAIN = textwrap.dedent("""
         real_handler(self, signum, frame)
 
     train.build_models, train.make_plan, train.ema_update, train.jepa_loss = build_models, make_plan, ema_update, jepa_loss
-    train.Preemption._handler = handler
+    config.Preemption._handler = handler
     try:
         record["step"] = train.main(sys.argv[1:])
         record["end"] = digest(held)
@@ -554,7 +555,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(hooked, ddp_refe
     results, records = launch(hooked, out, DDP_TINY, SIGTERM_AT="1:3")
     assert all(rc == 0 for rc, _ in results), results
     assert [r["step"] for r in records] == [3, 3] and "preempted: checkpoint at step 3" in results[0][1]
-    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+    assert config.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
     results, _ = launch(hooked, out, DDP_TINY)
     assert all(rc == 0 for rc, _ in results) and "resumed from" in results[0][1], results
     assert_same_weights(ref, out)
@@ -598,7 +599,7 @@ def test_sigterm_to_the_process_group_with_workers_still_checkpoints(hooked, tmp
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "preempted: checkpoint at step 3" in text, text
-    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+    assert config.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
     assert train.main(DDP_TINY + ["--num-workers", "2", "--out-dir", str(out)]) == 6  # the rerun resumes
     ref, _, _ = run(tmp_path, "--stop-at-step", "6", name="uninterrupted")
     assert_same_weights(ref, out)

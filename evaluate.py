@@ -157,7 +157,7 @@ def resolve_config(argv=None):
         if key in given and getattr(args, key) != saved.get(key):
             config.fail(f"--{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
                         f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
-                       "(model flags are read from the checkpoint)")
+                        "(model flags are read from the checkpoint)")
     for key, value in saved.items():
         if key not in given and key not in MACHINE_KEYS and hasattr(args, key):
             setattr(args, key, value)
@@ -178,7 +178,7 @@ def load_target_encoder(ckpt, args, path):
         flags = " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in MODEL_KEYS)
         config.fail(f"checkpoint {path} does not fit the target encoder built from {flags}: "
                     f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}, shape mismatches (checkpoint vs "
-                 f"model) {shapes[:4]}. Evaluate it with the flags it was trained with (its saved config).")
+                    f"model) {shapes[:4]}. Evaluate it with the flags it was trained with (its saved config).")
     encoder.load_state_dict(state, strict=True)
     return encoder.requires_grad_(False).eval()
 

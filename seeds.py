@@ -142,6 +142,9 @@ def run_seed(name, config, seed, runs_dir):
             argv = config["train"] + ["--seed", str(seed), "--out-dir", out]
             print(f"[{name} seed {seed}] python train.py {' '.join(argv)}")
             train.main(argv)
+            if not pretraining_complete(out):  # train.py returns normally when a signal stops it
+                sys.exit(f"error: pretraining {out} stopped before its last epoch (preempted?); nothing was "
+                         f"evaluated. Rerun the same command to resume it")
         eval_argv = ["--checkpoint", os.path.join(out, "checkpoint.pt")] + eval_argv
     if os.path.isfile(report):
         print(f"[{name} seed {seed}] evaluation {report} exists: skipped")

@@ -127,3 +127,17 @@ def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tm
     assert knn["n"] == 2 and knn["mean"] == pytest.approx((60.0 + 72.0) / 2)  # eval JSON wins where it exists
     assert lin["n"] == 1 and lin["mean"] == 80.0
     assert "(n = 1)" in (tmp_path / "res" / "t.md").read_text()
+
+
+def test_a_pretraining_stopped_early_is_never_evaluated(tmp_path, monkeypatch):
+    """train.main returns normally when SIGTERM stops it (checkpoint written, to resume later); the
+    table must not then evaluate that half-trained checkpoint as if it were the finished run."""
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append("train") or 7)  # stops, writes no end-of-run line
+    monkeypatch.setattr(evaluate, "main", lambda argv: calls.append("eval"))
+    config = tmp_path / "t.json"
+    config.write_text(json.dumps({"m": {"train": TRAIN, "eval": EVAL}}))
+    with pytest.raises(SystemExit, match="stopped before its last epoch"):
+        seeds.main(["--config", str(config), "--table", "t", "--seeds", "0",
+                    "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")])
+    assert calls == ["train"]

@@ -19,6 +19,7 @@ Nothing else waits for the device: no per-image Python loop, no data-dependent s
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -466,8 +467,6 @@ def split_plan(plan, k, pad_multiple=8, geometric=False):
     """
     if k <= 1:
         return [plan]
-    import numpy as np
-
     if plan.row_tokens is not None:  # read by _pack in the plan's one host sync
         n_c, n_t, top = plan.row_tokens.numpy()  # 3 x (R,)
     else:  # a plan made by hand: one host sync here

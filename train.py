@@ -124,11 +124,9 @@ def jepa_loss(encoder, predictor, images, targets, plan):
     sub-plans gives the same mean: the sum of every sub-plan's per-token losses over the total
     number of real target tokens (not a mean of sub-plan means, which would weigh short rows up).
     """
-    if isinstance(plan, list):
-        sums, counts = zip(*(_loss_sum(encoder, predictor, images, targets, p) for p in plan))
-        return torch.stack(sums).sum() / torch.stack(counts).sum()
-    total, count = _loss_sum(encoder, predictor, images, targets, plan)
-    return total / count
+    sums, counts = zip(*(_loss_sum(encoder, predictor, images, targets, p)
+                         for p in (plan if isinstance(plan, list) else [plan])))
+    return torch.stack(sums).sum() / torch.stack(counts).sum()
 
 
 def _loss_sum(encoder, predictor, images, targets, plan):

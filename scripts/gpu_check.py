@@ -40,7 +40,6 @@ def stages(args):
     out = {}
     if args.dry:  # tiny model, few steps, CPU: checks that every stage runs, not how fast (a shared
         # CPU can be slow, so the dry limits only catch hangs)
-        args.pretrain_limit = 600
         out["tests-cuda"] = ([PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_gpu_ready.py"], 600, None)
         model = ["--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
                  "--alpha", "0.1", "--device", "cpu"]
@@ -51,6 +50,10 @@ def stages(args):
                        600, None)
         runs = [*model, "--batch-size", "16", "--epochs", "1", "--num-train", "32", "--num-val", "16",
                 "--num-workers", "0", "--no-picture", "--knn-every", "0", "--warmup-epochs", "0"]
+        for method in ("dseq", "ijepa"):  # a tiny pretraining each, ending with the held-out kNN
+            run_dir = os.path.join(args.out, f"pretrain-{method}")
+            out[f"pretrain-{method}"] = ([PY, "train.py", *runs, "--method", method, "--out-dir", run_dir,
+                                          "--no-auto-resume"], 600, run_dir)
     else:
         out["tests-cuda"] = ([PY, "-m", "pytest", "-q", "-m", "cuda"], args.cuda_tests_limit, None)
         out["tests"] = ([PY, "-m", "pytest", "-q", "-m", "not slow and not cuda"], args.tests_limit, None)
@@ -67,7 +70,6 @@ def stages(args):
                                 args.bench_limit, None)
         out["pack"] = ([PY, "scripts/pack_bench.py", "--json", os.path.join(args.out, "pack_bench.json")],
                        args.pack_limit, None)
-        runs = None
         if os.path.isdir(os.path.join(ROOT, args.fmnist)):
             # The README's Fashion-MNIST table (seeds.py): one process per configuration and seed
             # at once (a micro ViT leaves an H200 mostly idle), then the same command over all
@@ -80,11 +82,6 @@ def stages(args):
             par = " & ".join(f"OMP_NUM_THREADS=1 {PY} {table} {j} > {args.out}/job{i}.log 2>&1" for i, j in enumerate(jobs))
             seeds = " ".join(map(str, args.fmnist_seeds))
             out["fmnist-table"] = (["bash", "-c", f"{par} & wait; {PY} {table} --seeds {seeds}"], args.table_limit, None)
-    if runs is not None:
-        for method in ("dseq", "ijepa"):
-            run_dir = os.path.join(args.out, f"pretrain-{method}")
-            out[f"pretrain-{method}"] = ([PY, "train.py", *runs, "--method", method, "--out-dir", run_dir,
-                                          "--no-auto-resume"], args.pretrain_limit, run_dir)
     return out
 
 
@@ -173,11 +170,9 @@ def main(argv=None):
                    help="Fashion-MNIST IDX files (relative to the repository); the table runs only if they exist")
     p.add_argument("--fmnist-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the Fashion-MNIST table")
     p.add_argument("--batch-size", type=int, default=128, help="bench batch size (ViT-B/16, 224 px)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each Fashion-MNIST pretraining run")
     p.add_argument("--cuda-tests-limit", type=int, default=45, help="seconds for the cuda-marked tests")
     p.add_argument("--tests-limit", type=int, default=90, help="seconds for the rest of the suite (not slow)")
     p.add_argument("--bench-limit", type=int, default=180, help="seconds for the benchmark stage")
-    p.add_argument("--pretrain-limit", type=int, default=75, help="seconds for each pretraining run (--dry)")
     p.add_argument("--pack-limit", type=int, default=120, help="seconds for scripts/pack_bench.py")
     p.add_argument("--table-limit", type=int, default=240, help="seconds for the Fashion-MNIST seeds table")
     p.add_argument("--bench-extra", default="", help="flags appended to the bench command, e.g. \"--pack-time-batch 0\"")

@@ -170,11 +170,13 @@ def get_args_parser():
                         "(masking.pad_width) so a run compiles a handful of graphs. Off by default: on an H200 with "
                         "torch 2.11, Inductor crashed compiling the backward of these dynamic-shape graphs (README, "
                         "known limitations); eager bf16 is tested there")
-    g.add_argument("--pack-splits", type=int, default=4,
+    g.add_argument("--pack-splits", type=int, default=8,
                    help="K: run the context encoder and the predictor on up to K sub-batches of rows of similar "
                         "length, each padded to its own width (masking.split_plan; same loss and gradients); "
-                        "1 = one batch padded to its longest row. 4 measured best on a CPU (bench.py: I-JEPA "
-                        "waste 27 -> 8 %% of the encoder's tokens at batch 64)")
+                        "1 = one batch padded to its longest row. 8 keeps padding under 10 %% of the computed "
+                        "tokens for every plan kind at batch 64-256 (bench.py; 4 left 12-15 %% with DSeq's own, "
+                        "uneven regions). On a GPU each sub-batch is one more set of kernel launches: at small "
+                        "per-GPU batches try 2-4")
     g.add_argument("--seed", type=int, default=0, help="random seed: the networks from it on every rank; plans from seed + rank")
     g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
                    "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")

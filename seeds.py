@@ -14,7 +14,11 @@ and an evaluate.py argv. For every configuration and seed S:
                        --out-dir RUNS/NAME/seedS --eval-name seeds       (skipped when written)
 A pretraining is complete when its out dir holds checkpoint.pt and metrics.jsonl has the end-of-run
 kNN line (epoch = the configured epochs). An interrupted pretraining resumes from its checkpoint
-(train.py's auto-resume), so rerunning the same command finishes and reuses what is there.
+(train.py's auto-resume), so rerunning the same command finishes and reuses what is there. A finished
+run is reused only if its config.json has the flags the table asks for (those train.py would refuse
+to resume with another value); anything else stops with an error naming the flag, never a silent mix.
+--runs-dir takes several folders (e.g. runs made on a GPU machine and on this one): each run is looked
+up in them in order, an evaluated one first; new work goes into the first folder.
 
 Writes RESULTS/TABLE.json (per-seed values, mean, sample std (n - 1), n, the argvs) and RESULTS/TABLE.md
 (the table, also printed). Two rows TIE on a column when their means differ by no more than the sum
@@ -29,6 +33,7 @@ import os
 import statistics
 import sys
 
+import config
 import evaluate
 import train
 
@@ -91,7 +96,8 @@ def get_args_parser():
     p.add_argument("--data-path", default=None, help="replaces {data} in the argvs (Fashion-MNIST: the IDX folder)")
     p.add_argument("--train-extra", default="", help="flags appended to every train.py argv, e.g. \"--epochs 2\"")
     p.add_argument("--eval-extra", default="", help="flags appended to every evaluate.py argv")
-    p.add_argument("--runs-dir", default="runs", help="pretraining / evaluation outputs: RUNS/NAME/seedS/")
+    p.add_argument("--runs-dir", nargs="+", default=["runs"], help="pretraining / evaluation outputs: RUNS/NAME/seedS/; "
+                   "with several folders a run is looked up in each (an evaluated one first), new work goes to the first")
     p.add_argument("--results-dir", default="results", help="RESULTS/TABLE.json and RESULTS/TABLE.md go here")
     p.add_argument("--aggregate", action="store_true",
                    help="run nothing: only tabulate the results already in --runs-dir (e.g. runs made on another "
@@ -129,17 +135,47 @@ def pretraining_complete(out):
     return any("knn_top1" in r and r.get("epoch") == epochs for r in rows)
 
 
-def run_seed(name, config, seed, runs_dir):
+def check_pretraining(out, train_argv):
+    """Stop (sys.exit, one line) if the pretraining in out/ was made with other run-defining flags than
+    train_argv asks for: the flags train.py refuses to resume with another value (all but
+    config.RESUME_FREE: device, amp, compile, --pack-splits, logging, ...). Keys its config.json
+    lacks (an older run) are not compared."""
+    with open(os.path.join(out, "config.json")) as f:
+        saved = json.load(f)
+    wanted = vars(config.parse_args(train_argv + ["--out-dir", out]))
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # nargs=2: tuple default, list in JSON
+    bad = [k for k, v in wanted.items() if k not in config.RESUME_FREE and k in saved and norm(saved[k]) != norm(v)]
+    if bad:
+        sys.exit(f"error: {out} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in bad)
+                 + " but this table asks for " + ", ".join(f"{wanted[k]}" for k in bad)
+                 + ": a finished run of other flags is never reused; move it away or use another --runs-dir")
+
+
+def find_run(name, seed, runs_dirs, trained):
+    """Out dir of one configuration at one seed among runs_dirs: the first that holds its evaluation
+    JSON, else the first with a complete pretraining (trained configurations), else the first folder."""
+    outs = [os.path.join(d, name, f"seed{seed}") for d in runs_dirs]
+    for out in outs:
+        if os.path.isfile(os.path.join(out, f"eval_{EVAL_NAME}.json")):
+            return out
+    for out in outs:
+        if trained and pretraining_complete(out):
+            return out
+    return outs[0]
+
+
+def run_seed(name, cfg, seed, runs_dirs):
     """Pretrain (unless complete) and evaluate (unless written) one configuration at one seed.
     -> path of its evaluation JSON."""
-    out = os.path.join(runs_dir, name, f"seed{seed}")
+    out = find_run(name, seed, runs_dirs, cfg["train"] is not None)
     report = os.path.join(out, f"eval_{EVAL_NAME}.json")
-    eval_argv = list(config["eval"])
-    if config["train"] is not None:
+    eval_argv = list(cfg["eval"])
+    if cfg["train"] is not None:
         if pretraining_complete(out):
+            check_pretraining(out, cfg["train"] + ["--seed", str(seed)])
             print(f"[{name} seed {seed}] pretraining complete in {out}: skipped")
         else:
-            argv = config["train"] + ["--seed", str(seed), "--out-dir", out]
+            argv = cfg["train"] + ["--seed", str(seed), "--out-dir", out]
             print(f"[{name} seed {seed}] python train.py {' '.join(argv)}")
             train.main(argv)
             if not pretraining_complete(out):  # train.py returns normally when a signal stops it
@@ -242,21 +278,32 @@ def main(argv=None):
     unknown = sorted(set(args.only or []) - set(configs))
     if unknown:
         sys.exit(f"error: --only {unknown}: not in table {args.table} ({', '.join(configs)})")
-    for name, config in configs.items():
+    for name, cfg in configs.items():
         if not args.aggregate and (args.only is None or name in args.only):
             for seed in args.seeds:
-                run_seed(name, config, seed, args.runs_dir)
+                run_seed(name, cfg, seed, args.runs_dir)
     rows = {}
-    for name, config in configs.items():
-        reports = {s: os.path.join(args.runs_dir, name, f"seed{s}", f"eval_{EVAL_NAME}.json") for s in args.seeds}
+    for name, cfg in configs.items():
+        trained = cfg["train"] is not None
+        reports = {s: os.path.join(find_run(name, s, args.runs_dir, trained), f"eval_{EVAL_NAME}.json")
+                   for s in args.seeds}
+        if args.aggregate and trained:  # kNN of pretrainings that were not evaluated (first folder that has one)
+            for s, p in reports.items():
+                if not os.path.isfile(p):
+                    outs = [os.path.join(d, name, f"seed{s}") for d in args.runs_dir]
+                    reports[s] = os.path.join(next((o for o in outs if end_of_run_knn(o) is not None), outs[0]),
+                                              f"eval_{EVAL_NAME}.json")
+        for s, p in reports.items():  # every run tabulated was trained with the table's flags
+            if trained and os.path.isfile(os.path.join(os.path.dirname(p), "config.json")):
+                check_pretraining(os.path.dirname(p), cfg["train"] + ["--seed", str(s)])
         per_seed = {s: read_values(p) for s, p in reports.items() if os.path.isfile(p)}
-        if args.aggregate and config["train"] is not None:  # kNN of pretrainings that were not evaluated
+        if args.aggregate and trained:
             for s, p in reports.items():
                 knn = None if s in per_seed else end_of_run_knn(os.path.dirname(p))
                 if knn is not None:
                     per_seed[s] = {COLUMNS[0][0]: knn}
         if per_seed:
-            rows[name] = {"train": config["train"], "eval": config["eval"], "per_seed": per_seed,
+            rows[name] = {"train": cfg["train"], "eval": cfg["eval"], "per_seed": per_seed,
                           "stats": aggregate(per_seed), "reports": list(reports.values())}
     if not rows:
         sys.exit("error: no evaluation results to aggregate")

@@ -115,9 +115,9 @@ def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tm
     for s, knn in ((0, 60.0), (1, 70.0)):
         d = runs / "m" / f"seed{s}"
         d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps({"epochs": 2}))
+        (d / "config.json").write_text(json.dumps({"epochs": 1}))  # TRAIN's; other keys absent (an older run)
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-            {"step": 5, "epoch": 1, "knn_top1": 1.0}, {"step": 9, "loss": 0.1}, {"step": 10, "epoch": 2, "knn_top1": knn}]))
+            {"step": 5, "epoch": 0, "knn_top1": 1.0}, {"step": 9, "loss": 0.1}, {"step": 10, "epoch": 1, "knn_top1": knn}]))
     (runs / "m" / "seed1" / "eval_seeds.json").write_text(json.dumps({"results": [
         {"eval": "knn", "features": "last", "metric": "val_top1", "value": 72.0, "k": 20},
         {"eval": "linear", "features": "last", "metric": "val_top1", "value": 80.0}]}))
@@ -141,3 +141,64 @@ def test_a_pretraining_stopped_early_is_never_evaluated(tmp_path, monkeypatch):
         seeds.main(["--config", str(config), "--table", "t", "--seeds", "0",
                     "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")])
     assert calls == ["train"]
+
+
+def _fake_run(out, argv, knn=None, evaluated=None):
+    """A finished-looking run dir: config.json as train.py writes it (vars of the parsed argv),
+    checkpoint.pt, the end-of-run kNN line, and optionally an evaluation JSON."""
+    out.mkdir(parents=True)
+    saved = vars(config.parse_args(argv + ["--out-dir", str(out)]))
+    (out / "config.json").write_text(json.dumps(saved))
+    (out / "checkpoint.pt").write_bytes(b"")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 10, "epoch": saved["epochs"], "knn_top1": knn or 50.0}))
+    if evaluated is not None:
+        (out / "eval_seeds.json").write_text(json.dumps({"results": [
+            {"eval": "knn", "features": "last", "metric": "val_top1", "value": evaluated, "k": 20}]}))
+
+
+def test_a_finished_run_of_other_flags_is_an_error_not_a_silent_reuse(tmp_path, monkeypatch):
+    """The table asks for --alpha 0.1; a finished run in its folder was trained with 0.2 (e.g. made before a
+    default changed): reusing it would put another method's number in the table. Flags that do not change
+    what is trained (--pack-splits, --device, logging) may differ."""
+    monkeypatch.setattr(train, "main", lambda a: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(evaluate, "main", lambda a: (_ for _ in ()).throw(AssertionError("re-evaluated")))
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps({"m": {"train": TRAIN, "eval": EVAL}}))
+    argv = ["--config", str(cfg), "--table", "t", "--seeds", "0", "--results-dir", str(tmp_path / "res")]
+    other = [a if a != "0.1" else "0.2" for a in TRAIN]  # --alpha 0.2
+    _fake_run(tmp_path / "bad" / "m" / "seed0", other + ["--seed", "0"], evaluated=60.0)
+    for extra in ([], ["--aggregate"]):  # running the table, and only tabulating it
+        with pytest.raises(SystemExit, match="--alpha 0.2 but this table asks for 0.1"):
+            seeds.main(argv + extra + ["--runs-dir", str(tmp_path / "bad")])
+    _fake_run(tmp_path / "wrong-seed" / "m" / "seed0", TRAIN + ["--seed", "1"], evaluated=60.0)
+    with pytest.raises(SystemExit, match="--seed 1"):
+        seeds.main(argv + ["--runs-dir", str(tmp_path / "wrong-seed")])
+    _fake_run(tmp_path / "ok" / "m" / "seed0", TRAIN + ["--seed", "0", "--pack-splits", "3", "--log-every", "7"],
+              evaluated=60.0)
+    assert seeds.main(argv + ["--runs-dir", str(tmp_path / "ok")])["m"]["stats"]["kNN top-1"]["mean"] == 60.0
+
+
+def test_several_runs_dirs_evaluated_run_first_new_work_in_the_first(tmp_path, monkeypatch):
+    """--runs-dir A B: seed 0 is evaluated only in B (e.g. retrained on another machine) and wins over
+    A's unevaluated pretraining; seed 1 is complete in A; seed 2 exists nowhere and is trained in A."""
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps({"m": {"train": TRAIN, "eval": EVAL}}))
+    A, B = tmp_path / "A", tmp_path / "B"
+    _fake_run(A / "m" / "seed0", TRAIN + ["--seed", "0"], knn=11.0)
+    _fake_run(B / "m" / "seed0", TRAIN + ["--seed", "0"], evaluated=22.0)
+    _fake_run(A / "m" / "seed1", TRAIN + ["--seed", "1"], evaluated=33.0)
+    trained = []
+
+    def fake_train(argv):
+        out = tmp_path / argv[argv.index("--out-dir") + 1]
+        trained.append(out)
+        _fake_run(out, argv[:argv.index("--out-dir")], knn=44.0)
+    monkeypatch.setattr(train, "main", fake_train)
+    monkeypatch.setattr(evaluate, "main", lambda a: (tmp_path / a[a.index("--out-dir") + 1] / "eval_seeds.json")
+                        .write_text(json.dumps({"results": [{"eval": "knn", "features": "last",
+                                                              "metric": "val_top1", "value": 44.0, "k": 20}]})))
+    rows = seeds.main(["--config", str(cfg), "--table", "t", "--seeds", "0", "1", "2", "--results-dir",
+                       str(tmp_path / "res"), "--runs-dir", str(A), str(B)])
+    assert trained == [A / "m" / "seed2"]
+    assert rows["m"]["per_seed"] == {0: {"kNN top-1": 22.0}, 1: {"kNN top-1": 33.0}, 2: {"kNN top-1": 44.0}}
+    assert rows["m"]["reports"][0] == str(B / "m" / "seed0" / "eval_seeds.json")

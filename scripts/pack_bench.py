@@ -7,6 +7,7 @@ masking.make_plan on a 14 x 14 grid:
            rule as a boolean SDPA mask (model.level_mask)
   split4   rows sorted by real length, cut into 4 sub-batches, each padded to its own widest row
            (a multiple of 8): the same SDPA blocks, run 4 times
+  split8   the same with 8 sub-batches (train.py's default --pack-splits): less padding, more launches
   flex     every real token of every row packed into ONE row, (1, T) tokens (T rounded up to 128),
            the level rule AND "same plan row" as a FlexAttention block mask: no padding at all
 
@@ -176,7 +177,7 @@ def main(argv=None):
                 lv, grp, tgt = rows_of(plan, net)
                 real = int((lv > 0).sum())
                 rec = {"batch": B, "plan": kind, "net": net, "rows": lv.shape[0], "real_tokens": real}
-                for name, splits in (("pad", 1), ("split4", 4)):
+                for name, splits in (("pad", 1), ("split4", 4), ("split8", 8)):
                     parts = [tuple(t.to(device) for t in part) for part in layouts(lv, grp, tgt, splits)]
                     xs = [torch.randn(*part[0].shape, D, device=device, requires_grad=True) for part in parts]
                     computed = sum(part[0].numel() for part in parts)
@@ -222,6 +223,7 @@ def main(argv=None):
                 rows.append(rec)
                 print(f"B={B:4d} {kind:6s} {net:9s} real {real:6d} | pad {rec['pad']['ms']:8.2f} ms waste "
                       f"{rec['pad']['waste']:.2f} | split4 {rec['split4']['ms']:8.2f} ms waste {rec['split4']['waste']:.2f} "
+                      f"| split8 {rec['split8']['ms']:8.2f} ms waste {rec['split8']['waste']:.2f} "
                       f"| flex {ms:8.2f} ms (+ mask {mask_ms:.1f}) waste {rec['flex']['waste']:.2f} err {err:.2e}/{scale:.1e}", flush=True)
                 if err > 0.05 * max(scale, 1.0):
                     sys.exit(f"error: packed flex output differs from the padded output ({err:.3g})")

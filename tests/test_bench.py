@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import bench
@@ -30,14 +31,33 @@ def test_bench_runs_and_reports_every_config(tmp_path):
     assert rows["replicate+blobs"]["enc_real"] > rows["causal+blobs"]["enc_real"]
     assert result["saliency"].get("identical", True)  # skipped without cv2, else asserted equal
     assert result["loader"]["pipeline_img_s_core"] > 0 and result["loader"]["images"] == 4
-    # padding table: every plan kind at every batch, one padded batch (k1) and the default split (k4)
+    # padding table: every plan kind at every batch, one padded batch (k1) and the default split (kK)
+    K = f"k{result['config']['pack_splits']}"
+    assert K != "k1"
     tokens = result["packing"]["tokens"]
     assert {k.split("@")[0] for k in tokens} == {name for name, _, _ in bench.PACK_PLANS}
     for r in tokens.values():
-        assert r["k4"]["enc_computed"] <= r["k1"]["enc_computed"] and r["k4"]["pred_computed"] <= r["k1"]["pred_computed"]
-        assert r["enc_real"] <= r["k4"]["enc_computed"] and 0 <= r["k4"]["enc_waste"] < 1
-    assert tokens["mix@32"]["k4"]["sub_batches"] > 1
-    assert {"ijepa k1", "ijepa k4", "causal+blobs k1", "causal+blobs k4"} <= set(result["packing"]["time"])
+        assert r[K]["enc_computed"] <= r["k1"]["enc_computed"] and r[K]["pred_computed"] <= r["k1"]["pred_computed"]
+        assert r["enc_real"] <= r[K]["enc_computed"] and 0 <= r[K]["enc_waste"] < 1
+    assert tokens["mix@32"][K]["sub_batches"] > 1
+    assert {"ijepa k1", f"ijepa {K}", "causal+blobs k1", f"causal+blobs {K}"} <= set(result["packing"]["time"])
+
+
+def test_pack_time_only_times_the_split_against_one_padded_batch(tmp_path):
+    out = tmp_path / "pack.json"
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(TOY + ["--pack-time-only", "--pack-splits", "3", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    t = result["time"]
+    assert set(n for n in t if isinstance(t[n], dict)) == {"ijepa k1", "ijepa k3", "causal+blobs k1", "causal+blobs k3"}
+    for n in ("ijepa k1", "ijepa k3"):
+        assert t[n]["x_ijepa"] == 1.0 and t[n]["excess"] == 0.0
+    blobs = t["causal+blobs k3"]  # excess = (time ratio) / (real-token FLOP ratio) - 1, recomputed here
+    assert blobs["excess"] == pytest.approx(blobs["x_ijepa"] / (blobs["gflop_img"] / t["ijepa k3"]["gflop_img"]) - 1)
+    assert result["target_met"] == (blobs["excess"] <= 0.05)
+    assert json.loads(out.read_text())["command"].startswith("python bench.py")
 
 
 def test_official_cost_estimate_counts_full_length_rows():

@@ -30,6 +30,7 @@ which differences are ties. "{data}" in an argv is replaced by --data-path. Runs
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -309,7 +310,7 @@ def main(argv=None):
         sys.exit("error: no evaluation results to aggregate")
     os.makedirs(args.results_dir, exist_ok=True)
     text = markdown(args.table, rows, args.seeds)
-    command = "python seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python seeds.py " + shlex.join(argv if argv is not None else sys.argv[1:])  # copy-pastable
     path = os.path.join(args.results_dir, f"{args.table}.json")
     with open(path, "w") as f:
         json.dump({"table": args.table, "seeds": args.seeds, "command": command, "columns": COLUMNS,

@@ -283,15 +283,20 @@ def check_args(args, parser):
                      "on resume; for anything else use another --out-dir")
 
 
+def flag_differences(saved, args, allowed=RESUME_FREE):
+    """Keys of args whose value differs from a run's saved config (a dict), except those in `allowed`
+    and those an older config lacks. nargs=2 flags compare as lists (tuple default, list from JSON)."""
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+    return [k for k, v in vars(args).items() if k not in allowed and k in saved and norm(saved[k]) != norm(v)]
+
+
 def check_resume_config(saved, args, path):
     """Stop (one line, exit 2) if a run-defining flag differs from the checkpoint's saved config.
     Flags in RESUME_FREE may always differ; RESUME_OVERRIDABLE ones when named in --resume-override.
     Keys an older checkpoint lacks are not compared."""
     allowed = set(RESUME_FREE) | {f.replace("-", "_").lstrip("_") for f in args.resume_override}
-    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # nargs=2: tuple default, list typed
-    for key, value in vars(args).items():
-        if key in allowed or key not in saved or norm(saved[key]) == norm(value):
-            continue
+    for key in flag_differences(saved, args, allowed):
+        value = getattr(args, key)
         flag = "--" + key.replace("_", "-")
         show = lambda v: " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
         way = (f"or add --resume-override {key.replace('_', '-')} to continue it with the new value"

@@ -143,26 +143,23 @@ def check_pretraining(out, train_argv):
     lacks (an older run) are not compared."""
     with open(os.path.join(out, "config.json")) as f:
         saved = json.load(f)
-    wanted = vars(config.parse_args(train_argv + ["--out-dir", out]))
-    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # nargs=2: tuple default, list in JSON
-    bad = [k for k, v in wanted.items() if k not in config.RESUME_FREE and k in saved and norm(saved[k]) != norm(v)]
+    wanted = config.parse_args(train_argv + ["--out-dir", out])
+    bad = config.flag_differences(saved, wanted)
     if bad:
         sys.exit(f"error: {out} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in bad)
-                 + " but this table asks for " + ", ".join(f"{wanted[k]}" for k in bad)
+                 + " but this table asks for " + ", ".join(f"{getattr(wanted, k)}" for k in bad)
                  + ": a finished run of other flags is never reused; move it away or use another --runs-dir")
 
 
-def find_run(name, seed, runs_dirs, trained):
+def find_run(name, seed, runs_dirs, trained, knn_only=False):
     """Out dir of one configuration at one seed among runs_dirs: the first that holds its evaluation
-    JSON, else the first with a complete pretraining (trained configurations), else the first folder."""
+    JSON, else the first with a complete pretraining (trained configurations), else (knn_only, for
+    --aggregate) the first with an end-of-run kNN line, else the first folder."""
     outs = [os.path.join(d, name, f"seed{seed}") for d in runs_dirs]
-    for out in outs:
-        if os.path.isfile(os.path.join(out, f"eval_{EVAL_NAME}.json")):
-            return out
-    for out in outs:
-        if trained and pretraining_complete(out):
-            return out
-    return outs[0]
+    tests = [lambda o: os.path.isfile(os.path.join(o, f"eval_{EVAL_NAME}.json"))]
+    tests += [pretraining_complete] if trained else []
+    tests += [lambda o: end_of_run_knn(o) is not None] if trained and knn_only else []
+    return next((o for test in tests for o in outs if test(o)), outs[0])
 
 
 def run_seed(name, cfg, seed, runs_dirs):
@@ -286,23 +283,16 @@ def main(argv=None):
     rows = {}
     for name, cfg in configs.items():
         trained = cfg["train"] is not None
-        reports = {s: os.path.join(find_run(name, s, args.runs_dir, trained), f"eval_{EVAL_NAME}.json")
-                   for s in args.seeds}
-        if args.aggregate and trained:  # kNN of pretrainings that were not evaluated (first folder that has one)
-            for s, p in reports.items():
-                if not os.path.isfile(p):
-                    outs = [os.path.join(d, name, f"seed{s}") for d in args.runs_dir]
-                    reports[s] = os.path.join(next((o for o in outs if end_of_run_knn(o) is not None), outs[0]),
-                                              f"eval_{EVAL_NAME}.json")
-        for s, p in reports.items():  # every run tabulated was trained with the table's flags
-            if trained and os.path.isfile(os.path.join(os.path.dirname(p), "config.json")):
-                check_pretraining(os.path.dirname(p), cfg["train"] + ["--seed", str(s)])
+        outs = {s: find_run(name, s, args.runs_dir, trained, knn_only=args.aggregate) for s in args.seeds}
+        reports = {s: os.path.join(out, f"eval_{EVAL_NAME}.json") for s, out in outs.items()}
+        for s, out in outs.items():  # every run tabulated was trained with the table's flags
+            if trained and os.path.isfile(os.path.join(out, "config.json")):
+                check_pretraining(out, cfg["train"] + ["--seed", str(s)])
         per_seed = {s: read_values(p) for s, p in reports.items() if os.path.isfile(p)}
-        if args.aggregate and trained:
-            for s, p in reports.items():
-                knn = None if s in per_seed else end_of_run_knn(os.path.dirname(p))
-                if knn is not None:
-                    per_seed[s] = {COLUMNS[0][0]: knn}
+        for s, out in outs.items():  # --aggregate: the kNN of a pretraining whose evaluation is missing
+            knn = end_of_run_knn(out) if args.aggregate and trained and s not in per_seed else None
+            if knn is not None:
+                per_seed[s] = {COLUMNS[0][0]: knn}
         if per_seed:
             rows[name] = {"train": cfg["train"], "eval": cfg["eval"], "per_seed": per_seed,
                           "stats": aggregate(per_seed), "reports": list(reports.values())}

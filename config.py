@@ -63,7 +63,7 @@ PRESETS = {
 # schedules, seed, ...) would mix two runs, so it stops with an error naming the flag.
 # Free to change: how and where the run executes and what it logs; none alters the trained weights'
 # meaning (accum_steps keeps the same batch; data_path may move; num_val only sizes the kNN monitor).
-RESUME_FREE = ("preset", "device", "amp", "compile", "pack_splits", "num_workers", "device_data", "accum_steps", "data_path",
+RESUME_FREE = ("preset", "device", "amp", "compile", "pack_splits", "pack_rows", "num_workers", "device_data", "accum_steps", "data_path",
                "num_val", "out_dir", "resume", "no_auto_resume", "resume_override", "ckpt_every", "log_every",
                "knn_every", "stop_at_step", "picture")
 # Changeable with --resume-override FLAG: legitimate continuations (train longer, a new lr tail, clipping
@@ -171,12 +171,10 @@ def get_args_parser():
                         "torch 2.11, Inductor crashed compiling the backward of these dynamic-shape graphs (README, "
                         "known limitations); eager bf16 is tested there")
     g.add_argument("--pack-splits", type=int, default=8,
-                   help="K: run the context encoder and the predictor on up to K sub-batches of rows of similar "
-                        "length, each padded to its own width (masking.split_plan; same loss and gradients); "
-                        "1 = one batch padded to its longest row. 8 keeps padding under 10 %% of the computed "
-                        "tokens for every plan kind at batch 64-256 (bench.py; 4 left 12-15 %% with DSeq's own, "
-                        "uneven regions). On a GPU each sub-batch is one more set of kernel launches: at small "
-                        "per-GPU batches try 2-4")
+                   help="K: both networks run on ~K sub-batches of rows of similar length, each padded to its own width "
+                        "(masking.split_plan; same loss); 1 = one padded batch. GPU at small per-GPU batches: try 2-4")
+    g.add_argument("--pack-rows", type=int, default=None, help="most rows per sub-batch (default max(rows / K, 8): equal-"
+                   "length rows run as K sub-batches too; one big one cost a CPU +19 %% at batch 64, README); 0 = no limit")
     g.add_argument("--seed", type=int, default=0, help="random seed: the networks from it on every rank; plans from seed + rank")
     g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
                    "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")
@@ -236,6 +234,8 @@ def check_args(args, parser):
                      f"(or -1..-{depth} from the end; paper: -2)")
     if args.pack_splits < 1:
         parser.error(f"--pack-splits {args.pack_splits}: need at least 1 (1 = one padded batch, no split)")
+    if (args.pack_rows or 0) < 0:
+        parser.error(f"--pack-rows {args.pack_rows}: need 0 (no limit) or more rows per sub-batch")
     if args.pred_depth < 1 or args.pred_dim < 1:
         parser.error("--pred-depth and --pred-dim must be positive")
     if args.pred_dim % heads and not hasattr(args, "eval"):  # evaluate.py builds no predictor

@@ -446,8 +446,12 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
 # Sub-batch packing: every token does work
 
 
-def split_plan(plan, k, pad_multiple=8, geometric=False):
-    """Cut a plan into at most k sub-plans of similar row lengths, each padded to its own widths.
+MIN_CHUNK_ROWS = 8  # the default row limit never goes below this: on a CPU, cutting I-JEPA's runs into
+# 4-row chunks made its step 4 % slower (per-pass overhead), and small batches gain nothing from cache
+
+
+def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
+    """Cut a plan into sub-plans of similar row lengths and bounded size, each padded to its own widths.
 
     A Plan pads every row to the widest one; rows differ a lot (I-JEPA contexts of 0.85-1 of the
     grid minus the targets, DSeq contexts from one region to most of the image, mixed batches
@@ -456,12 +460,20 @@ def split_plan(plan, k, pad_multiple=8, geometric=False):
         sum over runs of rows * (Lc + (Lc + Lt))      (encoder Lc, predictor Lc + Lt),
     Lc, Lt = pad_width of the run's longest context / target (the compile buckets with geometric),
     found by dynamic programming over the cut points (numpy tables of <= (P + 1)^2, no loop per row).
-    A run with fewer computed tokens never costs more; ties keep fewer runs. Rows without any
-    token (replicate mode's compile padding) are dropped: they are never scored.
+    A run with fewer computed tokens never costs more; ties keep fewer runs. Then every run of more
+    than max_rows rows (default max(ceil(R' / k), MIN_CHUNK_ROWS), R' = non-empty rows; 0 = no
+    limit) is cut into equal chunks, each again padded to its own widths (padding can only shrink).
+    Why: the DP keeps rows of equal length together (cutting them saves no padding), so a batch
+    whose rows are all alike, e.g. DSeq causal with 4 ranked regions per image, stayed one big
+    sub-batch while an I-JEPA batch ran as k small ones; on a CPU the big one's activations leave
+    the cache: at batch 64 it cost 19 % more than its real-token FLOPs predict relative to I-JEPA,
+    4 % less once cut into k = 8 (bench.py --pack-time-only). At most about 2k sub-plans come out.
+    Rows without any token (replicate mode's compile padding) are dropped: they are never scored.
 
     plan: a Plan with R rows; returns a list of Plans whose rows are plan's non-empty rows, each
     exactly once, with columns [:Lc], [:Lt] of the same tokens (so the same levels, the same
-    masks, the same loss terms). dseq / n_regions stay per-sample (B,). k <= 1 returns [plan].
+    masks, the same loss terms). dseq / n_regions stay per-sample (B,). k <= 1 returns [plan]
+    (one padded batch, whatever max_rows).
     No host sync for plans from _pack (it reads the row lengths in the plan's one sync); the runs'
     row indices go to the device in one non-blocking copy.
     """
@@ -500,11 +512,19 @@ def split_plan(plan, k, pad_multiple=8, geometric=False):
         cut.append(total.argmin(0))  # (Q,)
         best.append(total.min(0))  # (Q,)
     m = int(np.argmin([b[-1] for b in best]))  # first minimum: fewest runs at the least cost
-    bounds, end = [], len(pos) - 1
+    runs, end = [], len(pos) - 1
     for level in range(m, 0, -1):
         start = int(cut[level][end])
-        bounds.append((int(pos[start]), int(pos[end])))
+        runs.append((int(pos[start]), int(pos[end])))
         end = start
+    # Runs longer than max_rows -> equal chunks (never a 1-row chunk under compile, see min_rows).
+    cap = max(-(-R // k), MIN_CHUNK_ROWS) if max_rows is None else (max_rows or R)
+    bounds = []
+    for start, end in runs:  # last run first (reversed below)
+        n = end - start
+        chunks = max(1, min(-(-n // cap), n // min_rows))
+        edges = [start + n * i // chunks for i in range(chunks + 1)]  # sizes differ by <= 1
+        bounds.extend((a, b) for a, b in reversed(list(zip(edges[:-1], edges[1:]))))
     order = torch.from_numpy(rows)  # (R',) all runs' rows, copied to the device at once
     if plan.sample.is_cuda:  # pinned + non_blocking: the copy does not wait for the device
         order = order.pin_memory().to(plan.sample.device, non_blocking=True)

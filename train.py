@@ -163,7 +163,7 @@ def train_step(models, images, lam, args, generator, autocast):
         targets, regions, stats = make_targets(target_encoder, images, args)  # 1.
     plan = make_plan(regions, lam, generator, target_encoder.grid, args, images.shape[0], images.device)  # 2.
     # Rows of similar length run together, each sub-batch padded to its own width (same loss).
-    parts = masking.split_plan(plan, args.pack_splits, geometric=bool(args.compile))
+    parts = masking.split_plan(plan, args.pack_splits, geometric=bool(args.compile), max_rows=args.pack_rows)
     with autocast:
         loss = jepa_loss(encoder, predictor, images, targets, parts if len(parts) > 1 else plan)  # 3.-5.
     stats["dseq_share"] = plan.dseq.float().mean()

@@ -81,6 +81,8 @@ def run_dir(tmp_path_factory):
     (["--log-every", "0"], "--log-every 0 must be at least 1"),
     (["--ckpt-every", "0"], "--ckpt-every 0 must be at least 1"),
     (["--num-targets", "0"], "--num-targets 0: I-JEPA needs at least 1 target block"),
+    (["--pack-splits", "0"], "--pack-splits 0: need at least 1"),
+    (["--pack-rows", "-1"], "--pack-rows -1: need 0 (no limit) or more rows per sub-batch"),
     (["--num-val", "0"], "--num-val 0 must be at least 1"),
     (["--lambda", "2.0"], "unrecognized arguments: --lambda 2.0"),  # no prefix match to --lambda-coin
     (["--resume-override", "model"], "--resume-override model: only epochs"),
@@ -132,7 +134,7 @@ def test_resume_override_and_free_flags_continue_the_run(run_dir, tmp_path):
     shutil.copytree(run_dir, out)
     # more epochs, by name; logging / checkpoint cadence and workers are always free
     step = train.main(TINY + ["--out-dir", out, "--epochs", "3", "--resume-override", "epochs", "--stop-at-step", "3",
-                              "--log-every", "2", "--ckpt-every", "50"])
+                              "--log-every", "2", "--ckpt-every", "50", "--pack-rows", "0"])
     assert step == 3
     assert json.load(open(os.path.join(out, "config.json")))["epochs"] == 3
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from masking import (Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, official_min_context, pad_width,
-                     sample_multiblock, split_plan)
+                     sample_multiblock, split_plan, MIN_CHUNK_ROWS)
 
 torch.set_num_threads(1)
 
@@ -497,15 +497,22 @@ def test_bad_arguments_name_the_fix():
 @pytest.mark.parametrize("mode,lam", [("causal", 0.0), ("causal", 1.0), ("replicate", 1.0), ("causal", 0.5),
                                       ("replicate", 0.5)])
 @pytest.mark.parametrize("geometric", [False, True])
-def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric):
+@pytest.mark.parametrize("max_rows", [None, 0])
+def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric, max_rows):
     """Oracle: the plan's rows read in plain Python (read_rows: real tokens = level > 0). The
-    sub-plans together hold exactly those rows, each once with all its tokens, in <= k runs whose
-    widths are the pad_width of their own longest row; no more tokens computed than unsplit."""
+    sub-plans together hold exactly those rows, each once with all its tokens, in <= k runs (no row
+    limit) or in <= 2k runs of <= max(ceil(rows / k), 8) rows (the default limit), whose widths are
+    the pad_width of their own longest row; no more tokens computed than unsplit."""
     B, grid, k = 24, (8, 8), 4
     regions = random_regions(B, 64, seed=3)
     plan = make_plan(regions, lam, gen(1), grid, mode=mode, num_regions=5, geometric=geometric)
-    parts = split_plan(plan, k, geometric=geometric)
-    assert 1 < len(parts) <= k  # rows of these plans differ in length: a split pays
+    parts = split_plan(plan, k, geometric=geometric, max_rows=max_rows)
+    n_rows = int(((plan.ctx_lvl > 0).any(1) | (plan.tgt_lvl > 0).any(1)).sum())  # non-empty rows
+    if max_rows == 0:
+        assert 1 < len(parts) <= k  # rows of these plans differ in length: a split pays
+    else:
+        cap = max(-(-n_rows // k), MIN_CHUNK_ROWS)
+        assert 1 < len(parts) <= 2 * k and all(len(p.sample) <= cap for p in parts)
     rows = read_rows(plan)
     # the per-row counts read in the plan's one host sync are the oracle's
     assert plan.row_tokens[:2].T.tolist() == [[len(c), len(t)] for _, c, t in rows]
@@ -522,6 +529,45 @@ def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric):
             assert len(p.sample) >= 2  # torch.compile would specialise a one-row batch
     computed = lambda ps: sum(p.ctx_idx.numel() * 2 + p.tgt_idx.numel() for p in ps)
     assert computed(parts) < computed([plan])
+
+
+@pytest.mark.parametrize("geometric", [False, True])
+def test_row_limit_cuts_the_dp_runs_and_never_adds_padding(geometric):
+    """The row limit only subdivides: every sub-plan with the limit lies inside one run of the
+    unlimited split (same rows, consecutive in its sorted order), and each is padded to its own
+    widths, so the computed tokens can only drop. Under compile no sub-plan has one row."""
+    regions = random_regions(40, 64, seed=5)
+    plan = make_plan(regions, 1.0, gen(2), (8, 8), num_regions=5, geometric=geometric)
+    free = split_plan(plan, 4, geometric=geometric, max_rows=0)
+    for cap in (None, 3, 7):
+        parts = split_plan(plan, 4, geometric=geometric, max_rows=cap)
+        limit = cap or max(-(-40 // 4), MIN_CHUNK_ROWS)
+        assert all(len(p.sample) <= max(limit, 2 if geometric else 1) for p in parts)
+        if geometric:
+            assert all(len(p.sample) >= 2 for p in parts)
+        rows_free = [set(p.sample.tolist()) for p in free]
+        for p in parts:  # inside one unlimited run
+            assert sum(set(p.sample.tolist()) <= r for r in rows_free) == 1
+        computed = lambda ps: sum(q.ctx_idx.numel() * 2 + q.tgt_idx.numel() for q in ps)
+        assert computed(parts) <= computed(free)
+        assert sorted(s for p in parts for s in p.sample.tolist()) == sorted(s for p in free for s in p.sample.tolist())
+
+
+def test_rows_of_equal_length_still_run_as_k_sub_batches():
+    """Every row equally long (the worst case: N-1 ranked regions everywhere, or a hand-made plan):
+    cutting saves no padding, so the DP keeps one run; the default row limit still cuts it into k
+    equal sub-batches (what an I-JEPA batch gets), never below MIN_CHUNK_ROWS rows each, while
+    --pack-rows 0 keeps the one batch."""
+    regions = torch.zeros(64, 64, dtype=torch.long)
+    regions[:, :16], regions[:, 16:32], regions[:, 32:48], regions[:, 48:] = 1, 2, 3, 5  # same for all 64
+    plan = make_plan(regions, 1.0, gen(0), (8, 8), num_regions=5)
+    assert len(split_plan(plan, 4, max_rows=0)) == 1
+    parts = split_plan(plan, 4)
+    assert [len(p.sample) for p in parts] == [16, 16, 16, 16]
+    assert sorted(s for p in parts for s in p.sample.tolist()) == list(range(64))
+    assert all(p.ctx_idx.shape[1] == plan.ctx_idx.shape[1] for p in parts)  # no padding to drop
+    assert [len(p.sample) for p in split_plan(plan, 16)] == [MIN_CHUNK_ROWS] * (64 // MIN_CHUNK_ROWS)  # the floor
+    assert len(split_plan(plan, 4, max_rows=64)) == 1 and len(split_plan(plan, 4, max_rows=5)) == 13
 
 
 def test_split_of_one_is_the_plan_itself():

@@ -174,7 +174,7 @@ def get_args_parser():
                    help="K: both networks run on ~K sub-batches of rows of similar length, each padded to its own width "
                         "(masking.split_plan; same loss); 1 = one padded batch. GPU at small per-GPU batches: try 2-4")
     g.add_argument("--pack-rows", type=int, default=None, help="most rows per sub-batch (default max(rows / K, 8): equal-"
-                   "length rows run as K sub-batches too; one big one cost a CPU +19 %% at batch 64, README); 0 = no limit")
+                   "length rows run as K sub-batches too; one big one cost a CPU 6-19 %% at batch 64, README); 0 = no limit")
     g.add_argument("--seed", type=int, default=0, help="random seed: the networks from it on every rank; plans from seed + rank")
     g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
                    "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")

@@ -466,8 +466,8 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
     Why: the DP keeps rows of equal length together (cutting them saves no padding), so a batch
     whose rows are all alike, e.g. DSeq causal with 4 ranked regions per image, stayed one big
     sub-batch while an I-JEPA batch ran as k small ones; on a CPU the big one's activations leave
-    the cache: at batch 64 it cost 19 % more than its real-token FLOPs predict relative to I-JEPA,
-    4 % less once cut into k = 8 (bench.py --pack-time-only). At most about 2k sub-plans come out.
+    the cache: at batch 64 it cost 6-19 % more than its real-token FLOPs predict relative to
+    I-JEPA, 1-4 % less once cut into k = 8 (bench.py --pack-time-only, two idle runs). At most about 2k sub-plans come out.
     Rows without any token (replicate mode's compile padding) are dropped: they are never scored.
 
     plan: a Plan with R rows; returns a list of Plans whose rows are plan's non-empty rows, each

@@ -244,14 +244,14 @@ def pack_time(args, targs, device, autocast):
     cfgs = {}
     for name in ("ijepa", "causal+blobs"):
         method, lam, dseq_pass, blobs = CONFIGS[name]
-        for k, rows in ((1, None), (K, targs.pack_rows), (K, 0)):
-            key = f"{name} k{k}" + (" rows0" if rows == 0 and k > 1 else "")
-            if key in cfgs or (rows == 0 and (k == 1 or targs.pack_rows == 0)):
-                continue  # k1 ignores the row limit; with --pack-rows 0, kK already is the no-limit run
+        settings = {"k1": (1, None), f"k{K}": (K, targs.pack_rows)}  # k1 ignores the row limit
+        if K > 1 and targs.pack_rows != 0:  # with --pack-rows 0, kK already is the no-limit run
+            settings[f"k{K} rows0"] = (K, 0)
+        for key, (k, rows) in settings.items():
             cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass, "pack_splits": k,
                                           "pack_rows": rows})
-            cfgs[key] = dict(args=cargs, lam=lam, blobs=blobs,
-                             gen=torch.Generator(device=device).manual_seed(targs.seed))
+            cfgs[f"{name} {key}"] = dict(args=cargs, lam=lam, blobs=blobs,
+                                         gen=torch.Generator(device=device).manual_seed(targs.seed))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, flops, plans = {n: [] for n in cfgs}, {}, {}
     names = list(cfgs)

@@ -447,7 +447,7 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
 
 
 MIN_CHUNK_ROWS = 8  # the default row limit never goes below this: on a CPU, cutting I-JEPA's runs into
-# 4-row chunks made its step 4 % slower (per-pass overhead), and small batches gain nothing from cache
+# 4-row chunks made its step 4 % slower in a side run (per-pass overhead); small batches gain no cache
 
 
 def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
@@ -467,7 +467,8 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
     whose rows are all alike, e.g. DSeq causal with 4 ranked regions per image, stayed one big
     sub-batch while an I-JEPA batch ran as k small ones; on a CPU the big one's activations leave
     the cache: at batch 64 it cost 6-19 % more than its real-token FLOPs predict relative to
-    I-JEPA, 1-4 % less once cut into k = 8 (bench.py --pack-time-only, two idle runs). At most about 2k sub-plans come out.
+    I-JEPA, 1-4 % less once cut into k = 8 (bench.py --pack-time-only, two idle runs). At most
+    about 2k sub-plans come out.
     Rows without any token (replicate mode's compile padding) are dropped: they are never scored.
 
     plan: a Plan with R rows; returns a list of Plans whose rows are plan's non-empty rows, each
@@ -513,23 +514,23 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
         best.append(total.min(0))  # (Q,)
     m = int(np.argmin([b[-1] for b in best]))  # first minimum: fewest runs at the least cost
     runs, end = [], len(pos) - 1
-    for level in range(m, 0, -1):
+    for level in range(m, 0, -1):  # backtrack: the last run first
         start = int(cut[level][end])
-        runs.append((int(pos[start]), int(pos[end])))
+        runs.insert(0, (int(pos[start]), int(pos[end])))
         end = start
     # Runs longer than max_rows -> equal chunks (never a 1-row chunk under compile, see min_rows).
     cap = max(-(-R // k), MIN_CHUNK_ROWS) if max_rows is None else (max_rows or R)
     bounds = []
-    for start, end in runs:  # last run first (reversed below)
+    for start, end in runs:
         n = end - start
         chunks = max(1, min(-(-n // cap), n // min_rows))
         edges = [start + n * i // chunks for i in range(chunks + 1)]  # sizes differ by <= 1
-        bounds.extend((a, b) for a, b in reversed(list(zip(edges[:-1], edges[1:]))))
+        bounds.extend(zip(edges[:-1], edges[1:]))
     order = torch.from_numpy(rows)  # (R',) all runs' rows, copied to the device at once
     if plan.sample.is_cuda:  # pinned + non_blocking: the copy does not wait for the device
         order = order.pin_memory().to(plan.sample.device, non_blocking=True)
     parts = []
-    for start, end in reversed(bounds):
+    for start, end in bounds:
         Lc, Lt = int(width[c[end - 1]]), int(width[t[start:end].max()])
         Lc, Lt = min(Lc, plan.ctx_idx.shape[1]), min(Lt, plan.tgt_idx.shape[1])
         idx = order[start:end]  # (r,) rows of this run

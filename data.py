@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder")
+BUILT_IN = ("synthetic", "shapes")  # drawn in memory, no --data-path
+DATASETS = ("synthetic", "shapes", "cifar10", "cifar100", "fashion_mnist", "mnist", "imagefolder")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every dataset is normalised like ImageNet, as I-JEPA does
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALE = (0.3, 1.0)  # paper: RandomResizedCrop scale for pretraining
@@ -155,6 +156,61 @@ def _layout(q, labels):
     return out
 
 
+# Ten shapes that stay distinct under any rotation (no square next to a diamond): the class.
+_SHAPES_ANY = {
+    "disc": lambda x, y: x * x + y * y <= 1,
+    "square": lambda x, y: np.maximum(abs(x), abs(y)) <= 0.7,  # corners stay inside r
+    "triangle": lambda x, y: (y <= 0.6) & (abs(x) <= (y + 1) * 0.55),  # apex up
+    "cross": lambda x, y: (np.minimum(abs(x), abs(y)) <= 0.3) & (np.maximum(abs(x), abs(y)) <= 1),
+    "ring": lambda x, y: (x * x + y * y <= 1) & (x * x + y * y >= 0.4),
+    "flower": lambda x, y: np.hypot(x, y) <= 0.6 + 0.4 * np.cos(5 * np.arctan2(y, x)),  # 5 petals
+    "ell": lambda x, y: (np.maximum(abs(x), abs(y)) <= 0.7) & ((x <= -0.15) | (y >= 0.15)),
+    "tee": lambda x, y: (abs(x) <= 0.7) & (abs(y) <= 0.7) & ((y <= -0.25) | (abs(x) <= 0.22)),
+    "half": lambda x, y: (x * x + y * y <= 1) & (y >= -0.1),  # half disc
+    "bar": lambda x, y: (abs(x) <= 0.95) & (abs(y) <= 0.3),
+}
+def _hsv_to_rgb(h, s, v):
+    """h, s, v: arrays in [0, 1] -> (..., 3) RGB in [0, 255] (the standard hexcone model)."""
+    k = (np.stack([5.0, 3.0, 1.0], -1) + h[..., None] * 6) % 6  # (..., 3)
+    return 255 * (v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+def _layout_shapes(q, labels):
+    """_layout's boxes (same geometry, same uniforms for it) for the "shapes" set: EVERY object has
+    the class shape (list(_SHAPES_ANY)[c]); size (80-94 % of its box's short side), rotation (any
+    angle) and colour (any hue) are drawn per object, so neither colour nor place tells the class.
+    q: (B, _N_LAYOUT) uniforms (the last one unused), labels: (B,) -> (B, 4, 10) as _layout."""
+    B = len(labels)
+    q = iter(q.T)  # each next(q) is one (B,) column of fresh uniforms
+    out = np.zeros((B, _N_OBJECTS, 10), np.float32)
+    left, top, transpose = next(q) < 0.5, next(q) < 0.5, next(q) < 0.5
+    band = np.where(top, 0, 4)  # first row of the 4-row band (the 3-row band is rows 5-7 or 0-2)
+    c_row = np.where(top, 5, 0)
+    c_col = np.floor(next(q) * 5)  # C's box starts at column 0..4 (4 wide): every place
+    # boxes (x0, y0, width, height) in cells: A, B, C
+    boxes = ((np.where(left, 0, 4), band, 4, 4), (np.where(left, 5, 0), band, 3, 4), (c_col, c_row, 4, 3))
+    for slot, (x0, y0, w, h) in enumerate(boxes):
+        # round objects: one radius, from the box's short side; the shapes' corners reach 1.06 x
+        # the radius, so at <= 94 % they never leave the box (the empty lines between boxes stay empty)
+        r = min(w, h) / 2 * (0.8 + 0.14 * next(q))
+        out[:, slot, :5] = np.stack([np.ones(B), x0 + w / 2, y0 + h / 2, r, r], 1)
+    # D: small, on the longer free side of C in its band, if 3 cells are free there
+    before, after = c_col, _CELLS - c_col - 4
+    small = (np.maximum(before, after) >= 3) & (next(q) < 0.7)
+    cx = np.where(before >= after, before - 2, c_col + 4 + 2)  # centre of a 2-cell box, 1 cell away
+    cy = c_row + 1.5 + (next(q) - 0.5)  # anywhere across the 3-row band
+    r = 0.85  # 0.85 x 1.06 < 1 cell
+    out[:, 3, :5] = np.stack([small, cx, cy, np.full(B, r), np.full(B, r)], 1) * small[:, None]
+    out[:, :, 5] = np.stack([next(q) for _ in range(_N_OBJECTS)], 1) * 2 * math.pi  # any rotation
+    out[:, :, 6] = (labels % len(_SHAPES_ANY))[:, None]  # every object has the class shape
+    # colours: any hue, vivid (saturation 0.6-1, value 0.7-1) against the desaturated background
+    hsv = [np.stack([next(q) for _ in range(_N_OBJECTS)], 1) for _ in range(3)]  # 3 x (B, 4)
+    out[:, :, 7:] = _hsv_to_rgb(hsv[0], 0.6 + 0.4 * hsv[1], 0.7 + 0.3 * hsv[2])
+    # transposed layouts: swap x and y of centres and radii
+    out[transpose] = out[transpose][:, :, [0, 2, 1, 4, 3, 5, 6, 7, 8, 9]]
+    return out
+
+
 class SyntheticShapes(Dataset):
     """3-4 separated objects on a cluttered, textured background; the class object decides the class.
 
@@ -171,13 +227,22 @@ class SyntheticShapes(Dataset):
     streams, so they never share an image). Labels are i % num_classes (balanced).
     Items: (uint8 (3, S, S), label). object_mask(i): (S, S) bool, exactly the CLASS object's pixels
     (the thing a discriminative R_1 should find; distractors are not in it).
+
+    shape_only=True (the "shapes" dataset): the class is the shape alone, list(_SHAPES_ANY)[c] (10
+    classes), and EVERY object has it, each in its own random colour (any hue), size and rotation
+    (any angle) (_layout_shapes): neither colour nor place tells the class, so raw pixels and a
+    random-init encoder are weak baselines (results/shapes-baselines.json). object_mask(i) is then
+    the pixels of all objects.
     """
 
-    def __init__(self, split="train", img_size=32, size=None, num_classes=10, seed=0):
+    def __init__(self, split="train", img_size=32, size=None, num_classes=10, seed=0, shape_only=False):
         if img_size < 16:
             raise DataError(f"synthetic img_size {img_size} is too small to draw shapes; use 32-96")
-        if not 2 <= num_classes <= len(_SHAPES) * len(_COLOURS):
-            raise DataError(f"synthetic num_classes {num_classes} must be in 2..20 (5 shapes x 4 colours)")
+        most = len(_SHAPES_ANY) if shape_only else len(_SHAPES) * len(_COLOURS)
+        if not 2 <= num_classes <= most:
+            raise DataError(f"synthetic num_classes {num_classes} must be in 2..{most} "
+                            f"({'one shape each' if shape_only else '5 shapes x 4 colours'})")
+        self.shape_only = shape_only
         self.size = size if size is not None else (10_000 if split == "train" else 2_000)
         self.stream = 0 if split == "train" else 1  # disjoint seed streams -> disjoint images
         self.img_size, self.num_classes, self.seed = img_size, num_classes, seed
@@ -193,7 +258,8 @@ class SyntheticShapes(Dataset):
 
     def object_mask(self, i):
         """(S, S) bool: the pixels painted with the class object (A) in image i."""
-        return torch.from_numpy(self._render(np.array([i]))[1][0, 0])
+        masks = self._render(np.array([i]))[1][0]  # (4, S, S)
+        return torch.from_numpy(masks.any(0) if self.shape_only else masks[0])
 
     def object_masks(self, i):
         """(4, S, S) bool: the pixels of each object slot A, B, C, D in image i (absent = empty)."""
@@ -217,7 +283,7 @@ class SyntheticShapes(Dataset):
         p = np.stack([np.random.default_rng([self.seed, self.stream, int(i)]).random(_N_PARAMS, np.float32)
                       for i in idx])  # (B, _N_PARAMS)
         coarse, fine, strokes, layout = np.split(p, _PARAM_SPLITS, axis=1)
-        objs = _layout(layout, labels)  # (B, 4, 10)
+        objs = (_layout_shapes if self.shape_only else _layout)(layout, labels)  # (B, 4, 10)
         ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
         # 2. background: two octaves of smooth colour noise, desaturated so the objects pop out
         up = lambda g, k: F.interpolate(torch.from_numpy(g).view(B, 3, k, k), (S, S), mode="bilinear")
@@ -242,7 +308,7 @@ class SyntheticShapes(Dataset):
             u, v = (xs - cx) / rx, (ys - cy) / ry  # (B, S, S) offsets in box units
             # rotate in box units: norms are kept, so a shape inside the unit disc stays in its box
             dx, dy = c * u + s * v, -s * u + c * v  # (B, S, S) unit coordinates of the shape
-            for j, fn in enumerate(_SHAPES.values()):
+            for j, fn in enumerate((_SHAPES_ANY if self.shape_only else _SHAPES).values()):
                 sel = (o[:, 6] == j) & (o[:, 0] > 0)  # (B,) present objects of shape j
                 if sel.any():
                     masks[sel, k] = fn(dx[sel], dy[sel])
@@ -447,8 +513,8 @@ def build_dataset(name, root=None, split="train", img_size=32, *, subset_file=No
         raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     if split not in ("train", "val"):
         raise DataError(f"unknown split '{split}'; use 'train' or 'val'")
-    if name == "synthetic":
-        ds = SyntheticShapes(split, img_size, synthetic_size, num_classes, seed)
+    if name in BUILT_IN:
+        ds = SyntheticShapes(split, img_size, synthetic_size, num_classes, seed, shape_only=name == "shapes")
         return ds, ds.num_classes
     _check_root(name, root)
     if name in ("cifar10", "cifar100"):
@@ -761,8 +827,9 @@ def _from_args(args, split, batch_size, train, rank, world_size, device, **kw):
                                     subset_file=args.subset_file,
                                     synthetic_size=args.num_train if split == "train" else args.num_val,
                                     class_to_idx=kw.pop("class_to_idx", None))
-    on_device = args.device_data == "on" or (args.device_data == "auto" and hasattr(ds, "tensors")
-                                              and torch.device(device).type == "cuda")  # auto: in-memory sets on CUDA
+    # auto: every in-memory set is cropped in whole batches where the model runs (one grid_sample
+    # per batch); on a CPU the per-image PIL path cost ~92 ms of a ~480 ms demo step
+    on_device = args.device_data == "on" or (args.device_data == "auto" and hasattr(ds, "tensors"))
     # args.seed, not seed + rank: every rank must draw the same shuffle for the shards to be disjoint
     workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
     loader = build_loader(ds, args.img_size, batch_size, train, num_workers=workers,

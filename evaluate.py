@@ -210,11 +210,8 @@ def train_class_map(args):
 
 
 def _eval_loader(args, split, batch_size, rank=0, world=1, device="cpu", augment=False):
-    """data.build_eval_loader with the train class map; in-memory sets (synthetic, CIFAR, MNIST) are
-    batched in memory even on the CPU, where one DeviceLoader batch beats per-image PIL work in worker
-    processes."""
-    if args.device_data == "auto" and args.dataset != "imagefolder":
-        args = argparse.Namespace(**{**vars(args), "device_data": "on"})
+    """data.build_eval_loader with the train class map (in-memory sets are batched in memory under
+    --device-data auto, on the CPU too)."""
     return data.build_eval_loader(args, split, batch_size, rank, world, device, augment=augment,
                                   class_to_idx=train_class_map(args))
 
@@ -298,22 +295,26 @@ def topk_accuracy(scores, labels):
 
 
 def knn_monitor(target_encoder, args, device):
-    """Held-out kNN accuracy of the target encoder, "last" features: bank = the training split (no
-    augmentation, eval crops), queries = the val split. DDP-aware: every rank extracts its shard,
-    all ranks get the same result. -> {top1, top5, k, split, n_bank, n_query, ...} (percent)."""
+    """Held-out kNN accuracy of the target encoder, "last" features (encoder None: raw pixels, the
+    baseline drawn beside it): bank = the training split (no augmentation, eval crops), queries =
+    the val split. DDP-aware: every rank extracts its shard, all ranks get the same result.
+    -> {top1, top5, k, split, n_bank, n_query, ...} (percent)."""
     rank, world = _dist()
     bs, ks, T = _opt(args, "eval_batch_size"), _opt(args, "knn_k"), _opt(args, "knn_t")
     autocast, _ = config.make_autocast(args, device)
-    was_training = target_encoder.training
-    target_encoder.eval()
+    kind = "last" if target_encoder is not None else "pixels"
+    was_training = target_encoder is not None and target_encoder.training
+    if target_encoder is not None:
+        target_encoder.eval()
     bank_loader = _eval_loader(args, "train", bs, rank, world, device)
-    pool = lambda x: pooled_features(target_encoder, x, ["last"], autocast)  # noqa: E731
+    pool = lambda x: pooled_features(target_encoder, x, [kind], autocast)  # noqa: E731
     bank, bank_y = extract(pool, bank_loader, device, "kNN bank")
     query, query_y = extract(pool, _eval_loader(args, "val", bs, rank, world, device), device, "kNN queries")
-    target_encoder.train(was_training)
-    votes = knn_votes(bank["last"], bank_y, query["last"], bank_loader.num_classes, ks, T)
+    if target_encoder is not None:
+        target_encoder.train(was_training)
+    votes = knn_votes(bank[kind], bank_y, query[kind], bank_loader.num_classes, ks, T)
     main_k = 20 if 20 in ks else ks[0]
-    out = {"k": main_k, "split": "val", "features": "last", "n_bank": len(bank_y), "n_query": len(query_y)}
+    out = {"k": main_k, "split": "val", "features": kind, "n_bank": len(bank_y), "n_query": len(query_y)}
     for k in ks:
         top1, top5 = topk_accuracy(votes[k], query_y)
         out.update({"top1": top1, "top5": top5} if k == main_k else {f"top1_k{k}": top1, f"top5_k{k}": top5})

@@ -126,11 +126,26 @@ def test_synthetic_images_hold_3_or_4_separated_objects_of_different_sizes(size)
     assert counts.min() == 3 and counts.max() == 4 and 3.2 < counts.mean() < 3.8
 
 
-def test_synthetic_is_fast():
-    ds = data.SyntheticShapes("train", img_size=32, size=1000)
-    t = time.perf_counter()
-    ds.tensors()
-    assert time.perf_counter() - t < 3.0  # ~0.2 s on one core; generous for a shared machine
+def test_shapes_set_class_is_the_shape_not_the_colour():
+    """The "shapes" set: 10 classes, one shape each, every object of an image drawn in that shape
+    in its own random colour. Colour tells nothing: the mean object colour of each class lies
+    within a few levels of the overall mean (within-class spread ~50 levels); masks cover all
+    objects; the default synthetic set is untouched by the variant (its own tests above)."""
+    ds, n = data.build_dataset("shapes", img_size=32, synthetic_size=500)
+    assert n == 10 and ds.shape_only
+    x, y = ds.tensors()
+    means = []
+    for i in range(500):
+        masks = ds.object_masks(i)  # (4, S, S)
+        assert torch.equal(ds.object_mask(i), masks.any(0)) and masks[:3].flatten(1).any(1).all()
+        colours = [x[i][:, m].float().mean(1) for m in masks if m.any()]  # per object (3,)
+        assert max(float((a - b).abs().max()) for a in colours for b in colours) > 0  # objects differ in colour
+        means.append(torch.stack(colours).mean(0))
+    means = torch.stack(means)  # (500, 3)
+    per_class = torch.stack([means[y == c].mean(0) for c in range(10)])  # (10, 3)
+    assert (per_class - means.mean(0)).abs().max() < 20 < means.std(0).min()
+    with pytest.raises(DataError, match="2..10"):
+        data.build_dataset("shapes", num_classes=11)
 
 
 # ------------------------------------------------------------------ files on disk
@@ -262,6 +277,44 @@ def test_device_crop_matches_pil():
 
 # ------------------------------------------------------------------ loaders
 
+def _crop_geometry(loader, n_batches):
+    """Per sample of a loader over coordinate ramps (channel 0 = x, channel 1 = y): the crop's
+    centre (x, y) and its width / height (4 x the ramp's std: 2 sqrt(3) for a uniform ramp, close)."""
+    out = []
+    for epoch in range(n_batches):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            px = x * STD.view(1, 3, 1, 1) * 255 + MEAN.view(1, 3, 1, 1) * 255  # (B, 3, S, S) pixels
+            cx, cy = px[:, 0].mean((1, 2)), px[:, 1].mean((1, 2))
+            wx, wy = px[:, 0].std((1, 2)) * 2 * math.sqrt(3), px[:, 1].std((1, 2)) * 2 * math.sqrt(3)
+            out.append(torch.stack([cx, cy, wx, wy], 1))
+    # (n, 4) in source pixels (the ramps step 8 per pixel), rounded to half pixels: boxes are whole
+    # pixels, and PIL's uint8 rounding must not split one box size into two nearby values
+    return np.round(torch.cat(out).numpy() / 8 * 2) / 2
+
+
+def test_batched_crops_follow_the_per_image_crop_distribution():
+    """--device-data on (one grid_sample per batch, crops drawn per batch) against the per-image PIL
+    path (crops drawn per (seed, epoch, index)): different random streams, so not the same crops,
+    but the same distribution of crop centres and sizes (two-sample KS tests, seeded, and quantiles
+    within one source pixel)."""
+    stats = pytest.importorskip("scipy.stats")
+    H = 32
+    ramp = torch.arange(H, dtype=torch.uint8) * 8  # 0..248: one source pixel = 8 levels
+    img = torch.stack([ramp.view(1, H).expand(H, H), ramp.view(H, 1).expand(H, H),
+                       torch.zeros(H, H, dtype=torch.uint8)])  # (3, H, W)
+    ds = data.ArrayDataset(img[None].repeat(400, 1, 1, 1), torch.zeros(400, dtype=torch.long))
+    pil = _crop_geometry(data.build_loader(ds, 32, 100, train=True, seed=0), 4)  # (1600, 4)
+    dev = _crop_geometry(data.build_loader(ds, 32, 100, train=True, seed=0, on_device=True), 4)
+    for j, name in enumerate(["centre x", "centre y", "width", "height"]):
+        assert stats.ks_2samp(pil[:, j], dev[:, j]).pvalue > 1e-3, name
+        q = np.quantile(pil[:, j], [0.1, 0.5, 0.9]) - np.quantile(dev[:, j], [0.1, 0.5, 0.9])
+        assert np.abs(q).max() <= 1.0, (name, q)  # boxes are whole pixels: a quantile may step by one
+    wide = _crop_geometry(data.build_loader(ds, 32, 100, train=True, seed=0, on_device=True,
+                                            crop_scale=(0.6, 1.0)), 4)  # the test sees a changed rule
+    assert stats.ks_2samp(pil[:, 2], wide[:, 2]).pvalue < 1e-6
+
+
 def test_dataloader_batches_deterministic_and_worker_independent():
     ds, _ = data.build_dataset("synthetic", img_size=32, synthetic_size=16)
     def epoch(loader, e):
@@ -368,13 +421,14 @@ def test_entry_points_read_the_shared_config(tmp_path):
     import argparse
     args = argparse.Namespace(dataset="synthetic", data_path=None, subset_file=None, img_size=32,
                               crop_scale=[0.3, 1.0], num_train=40, num_val=12, num_workers=0,
-                              device_data="auto", seed=0)
+                              device_data="off", seed=0)
     tr = data.build_train_loader(args, 8, rank=1, world_size=2)
     assert isinstance(tr, data.Loader) and len(tr) == 2 and tr.num_classes == 10 and len(tr.source) == 40
     ev = data.build_eval_loader(args, "val", 5)
     assert [len(y) for _, y in ev] == [5, 5, 2]
-    args.device_data = "on"
-    assert isinstance(data.build_train_loader(args, 8), data.DeviceLoader)
+    for on in ("on", "auto"):  # auto: in-memory sets are cropped in whole batches, on the CPU too
+        args.device_data = on
+        assert isinstance(data.build_train_loader(args, 8), data.DeviceLoader)
     write_image_tree(tmp_path / "in")
     args.dataset, args.data_path, args.img_size, args.device_data = "imagefolder", tmp_path / "in", 16, "auto"
     probe = data.build_eval_loader(args, "train", 2, augment=True, class_to_idx={"n01": 1, "n02": 0})

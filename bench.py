@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +109,9 @@ def get_parser():
                         "worst-case causal plan), e.g. with more --pack-steps on a quiet machine")
     p.add_argument("--demo-time", action="store_true",
                    help="only time `python train.py` (the demo; extra train.py flags pass through): wall time, peak RSS")
+    p.add_argument("--step-overhead", action="store_true",
+                   help="only the full step against the bare networks on the same real tokens, for the demo and for "
+                        "ViT-T/16 at 224 px batch 64 (--steps paired rounds; threads as train.py sets them)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     p.add_argument("--probe-images", default=None, help=argparse.SUPPRESS)
     return p
@@ -173,17 +176,104 @@ def full_step(models, step_models, optimizer, images, cfg, maps, autocast):
     return plan
 
 
+# --step-overhead: the full step against the bare networks on the same real token counts
+OVERHEAD_SETTINGS = {"demo": [],  # python train.py's preset: micro ViT, 32 px / 4, batch 64
+                     "vit_t16_224": ["--model", "tiny", "--img-size", "224", "--patch-size", "16", "--pred-dim",
+                                     "192", "--pred-depth", "6", "--batch-size", "64", "--num-train", "128"]}
+
+
+def plain_step(models, optimizer, images, Lc, Lt, momentum):
+    """The networks alone on Lc context and Lt target tokens per image: target encoder forward (no
+    grad), context encoder and predictor forward + backward with no plan, no saliency and no attention
+    mask (every token sees every token), smooth-L1, AdamW, EMA. What step_overhead divides by."""
+    encoder, predictor, target_encoder = models
+    B, P = images.shape[0], encoder.num_patches
+    with torch.no_grad():
+        h = target_encoder.features(images)[0]  # (B, P, D)
+        targets = F.layer_norm(h, (h.shape[-1],))
+    perm = torch.rand(B, P).argsort(1)  # (B, P) a random split of each image's patches
+    ctx_idx, tgt_idx = perm[:, :Lc], perm[:, Lc:Lc + Lt]  # (B, Lc), (B, Lt)
+    ctx = encoder(images, ctx_idx)  # (B, Lc, D)
+    pos = predictor.pos_embed[0]  # (P, Dp)
+    x = torch.cat([predictor.predictor_embed(ctx) + pos[ctx_idx], predictor.mask_token + pos[tgt_idx]], 1)  # (B, Lc + Lt, Dp)
+    for block in predictor.blocks:
+        x = block(x)
+    pred = predictor.predictor_proj(predictor.norm(x[:, Lc:]))  # (B, Lt, D)
+    tgt = targets.gather(1, tgt_idx[..., None].expand(-1, -1, targets.shape[-1]))  # (B, Lt, D)
+    loss = F.smooth_l1_loss(pred, tgt)
+    loss.backward()
+    loss.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    train.ema_update(target_encoder, encoder, momentum)
+
+
+def step_overhead(args, extra):
+    """overhead_ratio per setting: median over rounds of (full step / plain_step), timed wall clock
+    and interleaved (full, plain, plain, full, ...) in one process so that load hits both alike.
+    The full step is train.main's: the next batch from the loader, train_step (targets + saliency,
+    plan, sub-batches, masks), backward, loss.item(), AdamW, EMA, at lambda 0.5 (the middle of the
+    curriculum: half the samples DSeq plans); plain_step gets that step's real tokens per image."""
+    out = {"rounds": args.steps, "overhead_ratio": {}, "settings": {}}
+    for name, flags in OVERHEAD_SETTINGS.items():
+        targs = config.parse_args(flags + extra + ["--no-picture"])
+        device = config.pick_device(targs, 0)
+        config.fit_threads(targs, device)
+        torch.manual_seed(targs.seed)
+        models = train.build_models(targs)
+        optimizer = train.make_optimizer(models[0], models[1], targs)
+        loader = data.build_train_loader(targs, targs.batch_size, 0, 1, device)
+        gen = torch.Generator(device=device).manual_seed(targs.seed)
+        batches = iter(())
+
+        def full():
+            nonlocal batches
+            images = next(batches, None)
+            if images is None:  # a new epoch
+                loader.set_epoch(0)
+                batches = (x for x, _ in loader)
+                images = next(batches)
+            loss, plan, stats = train.train_step(models, images, 0.5, targs, gen, nullcontext())
+            loss.backward()
+            loss.item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train.ema_update(models[2], models[0], targs.ema[0])
+            return round(stats["context_tokens"].item()), round(stats["target_tokens"].item())
+
+        Lc, Lt = full()  # warm-up; the plain step gets the full step's real tokens per image
+        images = next(iter(loader))[0]
+        plain_step(models, optimizer, images, Lc, Lt, targs.ema[0])
+        times = {"full": [], "plain": []}
+        for rnd in range(args.steps):
+            for kind in (("full", "plain") if rnd % 2 == 0 else ("plain", "full")):
+                t = time.perf_counter()
+                if kind == "full":
+                    Lc, Lt = full()
+                else:
+                    plain_step(models, optimizer, images, Lc, Lt, targs.ema[0])
+                times[kind].append(time.perf_counter() - t)
+        ratio = statistics.median(f / p for f, p in zip(times["full"], times["plain"]))
+        out["overhead_ratio"][name] = ratio
+        out["settings"][name] = {"flags": flags, "full_ms": 1e3 * statistics.median(times["full"]),
+                                 "plain_ms": 1e3 * statistics.median(times["plain"]), "batch": targs.batch_size,
+                                 "pack_splits": targs.pack_splits, "threads": torch.get_num_threads()}
+        print(f"{name}: full step {out['settings'][name]['full_ms']:.0f} ms, plain {out['settings'][name]['plain_ms']:.0f}"
+              f" ms, overhead ratio {ratio:.2f} (median of {args.steps} paired rounds)")
+    return out
+
+
 def computed_tokens(parts):
     """Tokens the context encoder and the predictor compute for a list of (sub-)plans, padding included."""
     enc = sum(p.ctx_idx.numel() for p in parts)  # rows x Lc per sub-batch
     return enc, enc + sum(p.tgt_idx.numel() for p in parts)  # predictor: rows x (Lc + Lt)
 
 
-def plan_numbers(plan, B, enc, pred, patch, splits=1, geometric=False, max_rows=None):
-    """Tokens per image (real / computed, after masking.split_plan into `splits` sub-batches) and
-    model GFLOPs per image from the plan's real tokens (docstring 4)."""
+def plan_numbers(plan, B, enc, pred, patch, targs=None):
+    """Tokens per image (real / computed, split as train.py splits it under targs' --pack-splits;
+    targs None: one padded batch) and model GFLOPs per image from the plan's real tokens (docstring 4)."""
     n_c, n_t = (plan.ctx_lvl > 0).sum(1).double(), (plan.tgt_lvl > 0).sum(1).double()  # (R,) each
-    enc_pad, pred_pad = computed_tokens(masking.split_plan(plan, splits, geometric=geometric, max_rows=max_rows))
+    enc_pad, pred_pad = computed_tokens(split(plan, targs.pack_splits, targs, enc) if targs else [plan])
     D, depth, Dp, pdepth, P = enc.embed_dim, enc.depth, pred.pred_dim, len(pred.blocks), enc.num_patches
     block = lambda L, d: 24 * L * d * d + 4 * L * L * d
     embed = 2 * P * 3 * patch * patch * D
@@ -198,11 +288,18 @@ PACK_PLANS = (("ijepa", 0.0, "own"), ("causal", 1.0, "own"), ("causal+blobs", 1.
               ("mix+blobs", 0.5, "blobs"))  # name, lambda, regions (the encoder's own saliency or blob maps)
 
 
+def split(plan, k, targs, enc):
+    """masking.split_plan as train.train_step calls it, for --pack-splits k (a number or auto)."""
+    k, pass_cost, rows = masking.pack_settings(k, targs.pack_rows, enc.embed_dim, enc.num_patches,
+                                               plan.sample.device.type)
+    return masking.split_plan(plan, k, geometric=bool(targs.compile), max_rows=rows, pass_cost=pass_cost)
+
+
 def pack_tokens(targs, models, batch_sizes, device):
     """Padding waste (docstring 7): for each batch size and plan kind, real and computed tokens of the
     context encoder and the predictor per image, one padded batch (--pack-splits 1) vs the split."""
     enc, _, target_encoder = models
-    grid, K, geo = enc.grid, targs.pack_splits, bool(targs.compile)
+    grid, K = enc.grid, targs.pack_splits
     dseq_args = argparse.Namespace(**{**vars(targs), "method": "dseq", "dseq_pass": "causal"})
     gen = torch.Generator(device=device).manual_seed(targs.seed)
     out = {}
@@ -219,8 +316,8 @@ def pack_tokens(targs, models, batch_sizes, device):
             real_p = real_c + (plan.tgt_lvl > 0).sum().item()  # predictor: context + target tokens
             row = {"batch": B, "plan": name, "dseq": plan.dseq.float().mean().item(),
                    "enc_real": real_c / B, "pred_real": real_p / B}
-            for k in sorted({1, K}):
-                parts = masking.split_plan(plan, k, geometric=geo, max_rows=targs.pack_rows)
+            for k in dict.fromkeys([1, K]):
+                parts = split(plan, k, targs, enc)
                 enc_c, pred_c = computed_tokens(parts)
                 row[f"k{k}"] = {"sub_batches": len(parts), "enc_computed": enc_c / B, "pred_computed": pred_c / B,
                                 "enc_waste": 1 - real_c / enc_c, "pred_waste": 1 - real_p / pred_c}
@@ -245,7 +342,7 @@ def pack_time(args, targs, device, autocast):
     for name in ("ijepa", "causal+blobs"):
         method, lam, dseq_pass, blobs = CONFIGS[name]
         settings = {"k1": (1, None), f"k{K}": (K, targs.pack_rows)}  # k1 ignores the row limit
-        if K > 1 and targs.pack_rows != 0:  # with --pack-rows 0, kK already is the no-limit run
+        if K != 1 and targs.pack_rows != 0:  # with --pack-rows 0, kK already is the no-limit run
             settings[f"k{K} rows0"] = (K, 0)
         for key, (k, rows) in settings.items():
             cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass, "pack_splits": k,
@@ -269,9 +366,8 @@ def pack_time(args, targs, device, autocast):
     out = {"batch": B, "splits": K, "rows": targs.pack_rows, "steps": args.pack_steps}
     for name in names:
         out[name] = {"ms": 1e3 * statistics.median(times[name]), "gflop_img": flops[name],
-                     "sub_batches": len(masking.split_plan(plans[name], cfgs[name]["args"].pack_splits,
-                                                           geometric=bool(targs.compile),
-                                                           max_rows=cfgs[name]["args"].pack_rows))}
+                     "sub_batches": len(split(plans[name], cfgs[name]["args"].pack_splits, cfgs[name]["args"],
+                                              models[0]))}
     fastest = min((n for n in names if n.startswith("ijepa")), key=lambda n: out[n]["ms"])
     out["fastest_ijepa"] = fastest
     for name in names:
@@ -479,6 +575,9 @@ def machine(device):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = get_parser().parse_known_args(argv)
+    if args.step_overhead:  # the demo's own flags, not this script's defaults
+        return write_json({"command": "python bench.py " + shlex.join(argv), "machine": machine(torch.device("cpu")),
+                           **step_overhead(args, rest)}, args.json)
     targs = config.parse_args(TRAIN_DEFAULTS + rest)  # train.py's flags, help and checks
     device = config.pick_device(targs, 0)
     if args.threads or device.type == "cpu":
@@ -531,8 +630,7 @@ def main(argv=None):
             if rnd >= warmup:
                 res[name]["wall"].append(time.perf_counter() - t)
                 res[name]["cpu"].append(time.process_time() - c)
-                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size,
-                                                       targs.pack_splits, bool(targs.compile), targs.pack_rows))
+                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size, targs))
                 if device.type == "cuda":
                     res[name]["mem"].append(torch.cuda.max_memory_allocated(device) / 2**20)
 

@@ -112,7 +112,7 @@ def get_args_parser():
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="sets many defaults at once (flags given explicitly still win)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="which data (synthetic is built in; the others need --data-path)")
+    g.add_argument("--dataset", default="synthetic", choices=data.DATASETS, help="which data (synthetic and shapes are built in; the others need --data-path)")
     g.add_argument("--data-path", default=None, help="dataset root folder (not needed for synthetic)")
     g.add_argument("--subset-file", default=None, help="imagefolder only: list of relative image paths to use (official 10%% ImageNet subset)")
     g.add_argument("--img-size", type=int, default=224, help="input resolution (paper: 224; 448 for ViT-H)")
@@ -124,8 +124,8 @@ def get_args_parser():
                    help="DataLoader workers per process (default: from the CPUs this process may use; "
                         "CUDA: all but one, at most 16; CPU: none up to 4 CPUs). torch's CPU threads are "
                         "then the CPUs left over, unless OMP_NUM_THREADS is set")
-    g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
-                   help="keep small datasets as uint8 on the device and crop batches there (auto: on for CUDA)")
+    g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto", help="in-memory sets (synthetic, CIFAR, MNIST): "
+                   "crop whole batches on the device (auto: on for them, on a CPU too; off: per-image PIL crops in the DataLoader)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="base", choices=list(vit.SIZES), help="encoder size (paper: base; huge)")
     g.add_argument("--pred-dim", type=int, default=384, help="predictor width (I-JEPA: 384; official DSeq config: 192)")
@@ -170,11 +170,10 @@ def get_args_parser():
                         "(masking.pad_width) so a run compiles a handful of graphs. Off by default: on an H200 with "
                         "torch 2.11, Inductor crashed compiling the backward of these dynamic-shape graphs (README, "
                         "known limitations); eager bf16 is tested there")
-    g.add_argument("--pack-splits", type=int, default=8,
-                   help="K: both networks run on ~K sub-batches of rows of similar length, each padded to its own width "
-                        "(masking.split_plan; same loss); 1 = one padded batch. GPU at small per-GPU batches: try 2-4")
-    g.add_argument("--pack-rows", type=int, default=None, help="most rows per sub-batch (default max(rows / K, 8): equal-"
-                   "length rows run as K sub-batches too; one big one cost a CPU 6-19 %% at batch 64, README); 0 = no limit")
+    g.add_argument("--pack-splits", default="auto",
+                   help="K: both networks run on ~K sub-batches of similar-length rows, each padded to its own width (same "
+                        "loss); 1 = one padded batch; auto: up to 8 where the padding saved pays for the pass (masking.pack_settings)")
+    g.add_argument("--pack-rows", type=int, default=None, help="most rows per sub-batch (default: K: max(rows / K, 8); auto: by activations on a CPU, none on a GPU); 0 = none")
     g.add_argument("--seed", type=int, default=0, help="random seed: the networks from it on every rank; plans from seed + rank")
     g.add_argument("--out-dir", default=None, help="checkpoints, metrics.jsonl, config.json and pictures go here "
                    "(default: out/PRESET, plus -ijepa / -replicate for those variants: each command its own folder)")
@@ -217,7 +216,7 @@ def check_args(args, parser):
         data.check_img_size(args.img_size, args.patch_size)
     except data.DataError as e:
         parser.error(f"--img-size / --patch-size: {e}")
-    if args.dataset == "synthetic" and args.img_size < 16:
+    if args.dataset in data.BUILT_IN and args.img_size < 16:
         parser.error(f"--img-size {args.img_size}: the synthetic shapes need at least 16 px (demo: 32)")
     _, depth, heads = vit.SIZES[args.model]
     if args.regions < 2:
@@ -232,8 +231,9 @@ def check_args(args, parser):
     if not -depth <= args.saliency_layer < depth:
         parser.error(f"--saliency-layer {args.saliency_layer}: --model {args.model} has blocks 0..{depth - 1} "
                      f"(or -1..-{depth} from the end; paper: -2)")
-    if args.pack_splits < 1:
-        parser.error(f"--pack-splits {args.pack_splits}: need at least 1 (1 = one padded batch, no split)")
+    if args.pack_splits != "auto" and not (str(args.pack_splits).isdigit() and int(args.pack_splits) >= 1):
+        parser.error(f"--pack-splits {args.pack_splits}: need at least 1 (1 = one padded batch, no split) or auto")
+    args.pack_splits = args.pack_splits if args.pack_splits == "auto" else int(args.pack_splits)
     if (args.pack_rows or 0) < 0:
         parser.error(f"--pack-rows {args.pack_rows}: need 0 (no limit) or more rows per sub-batch")
     if args.pred_depth < 1 or args.pred_dim < 1:
@@ -254,7 +254,7 @@ def check_args(args, parser):
         parser.error(f"--ema {args.ema[0]:g} {args.ema[1]:g}: need 0 <= START <= END <= 1 (paper: 0.996 1.0)")
     if args.amp == "fp16" and (args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):
         parser.error("--amp fp16 needs CUDA; use --amp none (or bf16) on the CPU")
-    if args.dataset != "synthetic" and args.data_path is None:
+    if args.dataset not in data.BUILT_IN and args.data_path is None:
         parser.error(f"--dataset {args.dataset} needs --data-path (the folder holding it)")
     if args.accum_steps < 1 or args.batch_size < 1:
         parser.error("--batch-size and --accum-steps must be positive")
@@ -268,7 +268,7 @@ def check_args(args, parser):
         parser.error(f"--seed {args.seed} must be in 0..2**32-1 (it seeds numpy too)")
     if args.num_workers is not None and args.num_workers < 0:
         parser.error(f"--num-workers {args.num_workers} must be >= 0 (0 = load in the main process)")
-    if args.dataset == "synthetic" and args.num_train < args.batch_size:
+    if args.dataset in data.BUILT_IN and args.num_train < args.batch_size:
         parser.error(f"--num-train {args.num_train} is smaller than one batch (--batch-size {args.batch_size})")
     if args.num_val < 1:
         parser.error(f"--num-val {args.num_val} must be at least 1 (the kNN monitor queries it)")

@@ -449,8 +449,36 @@ def make_plan(regions, lam, generator, grid, *, batch_size=None, device=None, mo
 MIN_CHUNK_ROWS = 8  # the default row limit never goes below this: on a CPU, cutting I-JEPA's runs into
 # 4-row chunks made its step 4 % slower in a side run (per-pass overhead); small batches gain no cache
 
+# --pack-splits auto: what one more sub-batch costs, in split_plan's token units (rows x (2 Lc + Lt)),
+# times the encoder width squared (a pass's fixed cost is per kernel, ~ depth; a token's cost is
+# ~ depth x width^2, so their ratio goes as 1 / width^2). CPU: measured on the demo (micro, width
+# 96), where a sub-batch pass of both networks (forward + backward) costs what ~400 token units do
+# (bench.py --step-overhead); on ViT-T/16 at 224 px that is ~100 units, against the thousands a
+# split saves, so auto splits there and barely on the demo. CUDA: an estimate from kernel launch
+# time (~500 launches of ~5 us per pass against ~1.3 us per ViT-B token on an H200), not measured.
+PASS_COST = {"cpu": 400 * 96 ** 2, "cuda": 2000 * 768 ** 2}
+AUTO_SPLITS = 8  # auto considers up to this many sub-batches
+CACHE_ELEMENTS = 2 ** 18  # auto on a CPU: a sub-batch holds <= this many activations (rows x P x width)
+# per tensor: on ViT-T/16 at 224 px that is the 8-row chunks that measured best (README, performance)
 
-def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
+
+def pack_settings(splits, rows, width, patches, device_type):
+    """--pack-splits / --pack-rows -> split_plan's (k, pass_cost, max_rows).
+
+    splits: "auto" or a number K (K: exactly today's rule, no pass cost); rows: --pack-rows (None =
+    the default limit); width: encoder width D; patches: P tokens per image; device_type: "cpu" |
+    "cuda" | ... auto lets split_plan's search weigh each extra sub-batch at PASS_COST / D^2 token
+    units, so it splits only where the padding saved pays for the pass (never more computed tokens
+    than one padded batch); on a CPU it also bounds a sub-batch's activations (CACHE_ELEMENTS)."""
+    if splits != "auto":
+        return int(splits), 0.0, rows
+    cost = PASS_COST["cpu" if device_type == "cpu" else "cuda"] / width ** 2
+    if rows is None:
+        rows = max(MIN_CHUNK_ROWS, CACHE_ELEMENTS // (patches * width)) if device_type == "cpu" else 0
+    return AUTO_SPLITS, cost, rows
+
+
+def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None, pass_cost=0.0):
     """Cut a plan into sub-plans of similar row lengths and bounded size, each padded to its own widths.
 
     A Plan pads every row to the widest one; rows differ a lot (I-JEPA contexts of 0.85-1 of the
@@ -460,7 +488,9 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
         sum over runs of rows * (Lc + (Lc + Lt))      (encoder Lc, predictor Lc + Lt),
     Lc, Lt = pad_width of the run's longest context / target (the compile buckets with geometric),
     found by dynamic programming over the cut points (numpy tables of <= (P + 1)^2, no loop per row).
-    A run with fewer computed tokens never costs more; ties keep fewer runs. Then every run of more
+    A run with fewer computed tokens never costs more; ties keep fewer runs. pass_cost (token units,
+    pack_settings for --pack-splits auto) is added per run, so more runs are chosen only where they
+    save more tokens than their passes cost; 0 (an explicit K) is the plain token count. Then every run of more
     than max_rows rows (default max(ceil(R' / k), MIN_CHUNK_ROWS), R' = non-empty rows; 0 = no
     limit) is cut into equal chunks, each again padded to its own widths (padding can only shrink).
     Why: the DP keeps rows of equal length together (cutting them saves no padding), so a batch
@@ -505,7 +535,7 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None):
     # torch.compile specialises a size-1 batch dimension (one more graph): runs of >= 2 rows then.
     min_rows = 2 if geometric and R >= 2 else 1
     rows_ij = pos[j] - pos[i]  # (Q, Q) rows in run i:j
-    cost = np.where(rows_ij >= min_rows, rows_ij * (2 * width[max_c] + width[max_t]), np.inf)  # (Q, Q)
+    cost = np.where(rows_ij >= min_rows, rows_ij * (2 * width[max_c] + width[max_t]) + pass_cost, np.inf)  # (Q, Q)
     # best[m][j]: least cost of rows[:pos[j]] in m runs; cut[m][j]: where its last run starts.
     best, cut = [np.where(j[0] == 0, 0.0, np.inf)], [None]
     for m in range(1, min(k, R) + 1):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from masking import (Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, official_min_context, pad_width,
-                     sample_multiblock, split_plan, MIN_CHUNK_ROWS)
+                     sample_multiblock, split_plan, pack_settings, AUTO_SPLITS, MIN_CHUNK_ROWS)
 
 torch.set_num_threads(1)
 
@@ -573,3 +573,42 @@ def test_rows_of_equal_length_still_run_as_k_sub_batches():
 def test_split_of_one_is_the_plan_itself():
     plan = make_plan(None, 0.0, gen(0), (8, 8), batch_size=8)
     assert split_plan(plan, 1)[0] is plan
+
+
+def _computed(parts):
+    """split_plan's token units: rows x (2 Lc + Lt) (encoder Lc, predictor Lc + Lt)."""
+    return sum(p.ctx_idx.numel() * 2 + p.tgt_idx.numel() for p in parts)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_auto_split_pays_for_its_passes_and_never_computes_more_than_one_batch(lam):
+    """--pack-splits auto = the same search with a cost per sub-batch (pass_cost). Oracle: brute force
+    over every K: auto's sub-batches cost (tokens + passes) no more than the best explicit K would
+    at that pass cost, never compute more tokens than one padded batch, and pass_cost 0 is exactly
+    the explicit K; a pass dearer than the whole batch gives one sub-batch."""
+    regions = random_regions(48, 64, seed=7)
+    plan = make_plan(regions, lam, gen(3), (8, 8), num_regions=5)
+    one = _computed([plan])
+    for cost in (0.0, 50.0, 400.0, 5000.0):
+        auto = split_plan(plan, 8, max_rows=0, pass_cost=cost)
+        assert _computed(auto) <= one
+        best = min(_computed(split_plan(plan, k, max_rows=0)) + cost * len(split_plan(plan, k, max_rows=0))
+                   for k in range(1, 9))
+        assert _computed(auto) + cost * len(auto) <= best
+    same = [(p.sample.tolist(), p.ctx_idx.shape, p.tgt_idx.shape) for p in split_plan(plan, 8, pass_cost=0.0)]
+    assert same == [(p.sample.tolist(), p.ctx_idx.shape, p.tgt_idx.shape) for p in split_plan(plan, 8)]
+    assert len(split_plan(plan, 8, max_rows=0, pass_cost=10.0 * one)) == 1
+
+
+def test_pack_settings_auto_and_explicit():
+    """An explicit K is today's rule (no pass cost, --pack-rows as given); auto weighs a pass at
+    PASS_COST / width^2 token units: dearer for the demo's 96-wide micro ViT than for ViT-T/16, far
+    dearer on a GPU (launch-bound small models), and bounds a CPU sub-batch's activations."""
+    assert pack_settings(4, None, 96, 64, "cpu") == (4, 0.0, None)
+    assert pack_settings(1, 0, 96, 64, "cuda") == (1, 0.0, 0)
+    k, demo, rows_demo = pack_settings("auto", None, 96, 64, "cpu")
+    _, tiny, rows_tiny = pack_settings("auto", None, 192, 196, "cpu")
+    _, gpu, rows_gpu = pack_settings("auto", None, 96, 64, "cuda")
+    assert k == AUTO_SPLITS and demo == 4 * tiny and gpu > 10 * demo
+    assert rows_tiny == MIN_CHUNK_ROWS and rows_demo > rows_tiny and rows_gpu == 0
+    assert pack_settings("auto", 5, 96, 64, "cpu")[2] == 5  # an explicit --pack-rows still wins

@@ -38,6 +38,7 @@ import data
 import evaluate
 import masking
 import model as vit
+import pictures
 import saliency
 
 # ----------------------------------------------------------------------------------------------
@@ -162,8 +163,11 @@ def train_step(models, images, lam, args, generator, autocast):
     with torch.no_grad(), autocast:
         targets, regions, stats = make_targets(target_encoder, images, args)  # 1.
     plan = make_plan(regions, lam, generator, target_encoder.grid, args, images.shape[0], images.device)  # 2.
-    # Rows of similar length run together, each sub-batch padded to its own width (same loss).
-    parts = masking.split_plan(plan, args.pack_splits, geometric=bool(args.compile), max_rows=args.pack_rows)
+    # Rows of similar length run together, each sub-batch padded to its own width (same loss);
+    # --pack-splits auto weighs the padding a split saves against the passes it adds.
+    k, pass_cost, max_rows = masking.pack_settings(args.pack_splits, args.pack_rows, target_encoder.embed_dim,
+                                                   target_encoder.num_patches, images.device.type)
+    parts = masking.split_plan(plan, k, geometric=bool(args.compile), max_rows=max_rows, pass_cost=pass_cost)
     with autocast:
         loss = jepa_loss(encoder, predictor, images, targets, parts if len(parts) > 1 else plan)  # 3.-5.
     stats["dseq_share"] = plan.dseq.float().mean()
@@ -266,6 +270,8 @@ def main(argv=None):
     stop_at = min(total, args.stop_at_step or total)
     bar = tqdm(total=stop_at, initial=step, disable=not master, dynamic_ncols=True)
     epoch, skip = divmod(step, steps_per_epoch)
+    if step == 0 and args.knn_every:  # the untrained target encoder: the random-init level of the curve
+        knn_monitor(target_encoder, args, device, step, epoch, log, master)
     t_last = time.perf_counter()
     stop = False  # agreed by all ranks every step (config.agree_to_stop), never a rank-local decision
     while step < stop_at and not stop:
@@ -372,9 +378,26 @@ def knn_monitor(target_encoder, args, device, step, epoch, log, master):
 
 
 def end_of_run(target_encoder, args, device, step, epoch, log, master):
-    """After the last step: the kNN monitor (always), and the picture of saliency regions and plans."""
+    """After the last step: the kNN monitor (always); with --picture the learning curve (learning.png:
+    kNN and target_std against step, beside the random-init level, step 0's kNN, and raw pixels' kNN)
+    and the picture of saliency regions and plans (plans.png)."""
     knn_monitor(target_encoder, args, device, step, epoch, log, master)
+    if args.picture:  # every rank takes part in the pixels' kNN under DDP
+        pixels = evaluate.knn_monitor(None, args, device)["top1"]
     if master and args.picture:
+        log.flush()
+        with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        levels = [("raw pixels", pictures.COLOURS["pixels"], pixels)]
+        start = [r["knn_top1"] for r in rows if r.get("step") == 0 and "knn_top1" in r]
+        if start:
+            levels.insert(0, ("random init (step 0)", pictures.COLOURS["random"], start[-1]))
+        method = "ijepa" if args.method == "ijepa" else "dseq"
+        path = pictures.chart(pictures.learning_panels(rows, levels, args.method, pictures.COLOURS[method]),
+                              os.path.join(args.out_dir, "learning.png"))
+        log.write(json.dumps({"step": step, "pixels_knn": pixels}) + "\n")
+        print(f"wrote {path}: kNN {rows[-1].get('knn_top1', float('nan')):.2f} at step {step}, "
+              + ", ".join(f"{label} {v:.2f}" for label, _, v in levels))
         path = os.path.join(args.out_dir, "plans.png")
         pic = evaluate.plan_picture(target_encoder, args, path, device=device)
         overlap = {k: v for k, v in pic.items() if k.startswith(("top_region", "object_area", "ranked"))}

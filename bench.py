@@ -3,12 +3,16 @@ Benchmark: does a DSeq-JEPA step cost about what an I-JEPA step costs? (The pape
 reports +16 % FLOPs; the official DSeq step costs ~5.8x an I-JEPA step, fault 5 in the README.)
 
     python bench.py --json bench.json              # CPU defaults: ViT-tiny, 224 px / 16, batch 4, ~3 min
-    python bench.py --device cuda --batch-size 256 --json bench.json   # bf16 autocast + torch.compile
+    python bench.py --device cuda --batch-size 256 --json bench.json   # bf16, eager and torch.compile side by side
 
 1. Time of the FULL training step (train.train_step: targets + saliency, plan, context encoder,
    predictor, loss; then backward, loss.item(), AdamW step, EMA, as train.main's loop), same
    models, batch and images for every config, run ROUND-ROBIN one step each (start rotated every
-   round) so that load from other processes hits all alike; medians over --steps rounds:
+   round) so that load from other processes hits all alike; round r steps on image batch r % 2
+   with each config's plan generator reseeded to seed + r % 2 (two steps per config, repeated:
+   warm-up rounds >= 2 compile every graph the timed rounds meet); medians over --steps rounds.
+   --modes: eager and / or torch.compile (default on CUDA: both, one after the other, then a
+   side-by-side table; the same models from --seed, the same plans); per config:
      ijepa            --method ijepa: no saliency at all, the true I-JEPA step (the baseline)
      causal           lambda 1, DSeq plan in one block-causal pass (ours, the default)
      replicate        lambda 1, one row per step of Eq. 5 (the official structure, correct contexts)
@@ -34,9 +38,10 @@ reports +16 % FLOPs; the official DSeq step costs ~5.8x an I-JEPA step, fault 5 
      target        = embed + depth * block(P + 1, D)                    (no grad: forward only)
      step          = 3 * sum over plan rows (encoder + predictor) + B * target  (fwd + 2x bwd)
    Norms, GELU, softmax, loss, AdamW, EMA are left out (~1 %). MFU (CUDA, or with --peak-tflops)
-   = step FLOPs / median wall time / peak. With torch.compile: graphs compiled in all, during the
-   timed rounds (recompiles; they would pollute the timing), and torch._dynamo's recompile reasons.
-   Plans are then padded to 4 sizes per octave (masking.pad_width), so the count stays small.
+   = step FLOPs / median wall time / the card's dense bf16 peak (PEAK_BF16_TFLOPS by device name;
+   null for a card not in it). With torch.compile: graphs compiled per config and in all, during
+   the timed rounds (recompiles; they would pollute the timing), and torch._dynamo's recompile
+   reasons. Plans and sub-batches then come in a few static shapes (masking.compile_shapes).
 5. Saliency regions for --sal-batch smooth random maps: saliency.regions_from_saliency (batched,
    on the device) vs the per-image OpenCV loop of tests/opencv_reference.py; outputs asserted equal.
 6. Loader: images per second per core (one process, one thread, CPU time) of the ImageFolder
@@ -91,6 +96,11 @@ def get_parser():
                    help="CPU: measure peak RSS per config in fresh subprocesses")
     p.add_argument("--sal-batch", type=int, default=256, help="maps for the saliency comparison (0 = skip)")
     p.add_argument("--sal-repeats", type=int, default=5, help="repeats of each saliency timing")
+    p.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
+                   help="time the configs eager and / or with torch.compile, one mode after the other (default: "
+                        "both on CUDA, side by side; on the CPU the mode --compile says)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                   help="only these configs of the main table (default: all that --maps allows)")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU "
                    "(default on CUDA with bf16: H100/H200 SXM 989, A100 312 dense bf16)")
     p.add_argument("--loader-images", type=int, default=64, help="JPEGs (500 x 375, made in a temp folder) "
@@ -156,7 +166,8 @@ def setup(args, targs, device):
     step_models = train.wrap_for_speed(models, targs, 1, device)  # as train.main (one process)
     cfgs = {}
     for name, (method, lam, dseq_pass, blobs) in CONFIGS.items():
-        if (blobs and args.maps == "saliency") or (not blobs and method == "dseq" and args.maps == "blobs"):
+        if (blobs and args.maps == "saliency") or (not blobs and method == "dseq" and args.maps == "blobs") \
+                or name not in (getattr(args, "configs", None) or CONFIGS):
             continue
         cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass})
         gen = torch.Generator(device=device).manual_seed(targs.seed)  # same plan stream per config
@@ -451,9 +462,10 @@ def bench_saliency(B, grid, N, alpha, repeats, device):
             "share_with_ranked_region": ranked, "identical": True}
 
 
-def write_json(result, path):
-    """Print result and write it to path (if given); -> result."""
-    print(json.dumps(result, indent=1))
+def write_json(result, path, quiet=False):
+    """Print result (unless quiet) and write it to path (if given); -> result."""
+    if not quiet:
+        print(json.dumps(result, indent=1))
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
@@ -572,6 +584,121 @@ def machine(device):
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def time_configs(args, targs, device, warmup, models, step_models, optimizer, cfgs, batches, maps, autocast):
+    """The main table's timing (docstring 1): round-robin, one full step per config, start rotated
+    every round; round r steps on batch r % 2 with each config's plan generator reseeded to
+    seed + r % 2, so the rounds repeat two steps per config: warm-up rounds (>= 2) compile every
+    graph the timed rounds meet, and eager and compiled time the same work. Returns (per-config
+    wall / cpu / mem / plans lists and graphs compiled, {graphs_compiled, recompiles_during_timing,
+    recompile_reasons} when compiled, else {})."""
+    from torch._dynamo.utils import counters as dynamo  # ["stats"]["unique_graphs"]: graphs compiled
+    B, names = targs.batch_size, list(cfgs)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    res = {n: dict(wall=[], cpu=[], mem=[], plans=[], graphs=0) for n in names}
+    start, graphs_at_warmup = dynamo["stats"]["unique_graphs"], None
+    for rnd in range(warmup + args.steps):
+        if rnd == warmup:
+            graphs_at_warmup = dynamo["stats"]["unique_graphs"]
+        for i in range(len(names)):
+            name = names[(rnd + i) % len(names)]  # rotate the start: no config always runs first
+            cfgs[name]["gen"].manual_seed(targs.seed + rnd % 2)
+            sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            before = dynamo["stats"]["unique_graphs"]
+            t, c = time.perf_counter(), time.process_time()
+            plan = full_step(models, step_models, optimizer, batches[rnd % 2], cfgs[name], maps, autocast)
+            sync()
+            res[name]["graphs"] += dynamo["stats"]["unique_graphs"] - before
+            if rnd >= warmup:
+                res[name]["wall"].append(time.perf_counter() - t)
+                res[name]["cpu"].append(time.process_time() - c)
+                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size, targs))
+                if device.type == "cuda":
+                    res[name]["mem"].append(torch.cuda.max_memory_allocated(device) / 2**20)
+    if graphs_at_warmup is None:
+        graphs_at_warmup = dynamo["stats"]["unique_graphs"]
+    if not targs.compile:
+        return res, {}
+    return res, {"graphs_compiled": dynamo["stats"]["unique_graphs"] - start,
+                 "recompiles_during_timing": dynamo["stats"]["unique_graphs"] - graphs_at_warmup,
+                 "recompile_reasons": sorted({str(k)[:200] for k in dynamo.get("recompiles", {})})}
+
+
+def probe_memory(argv, names, images, maps, res):
+    """CPU peak memory (docstring 3): one fresh process per config, its numbers into res."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "images.pt")
+        torch.save((images.cpu(), maps.cpu()), path)
+        for name in names:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--probe", name,
+                                  "--probe-images", path], capture_output=True, text=True, check=True)
+            probe = json.loads(out.stdout.strip().splitlines()[-1])
+            res[name]["mem"], res[name]["step_mib"] = [probe["peak_mib"]], probe["step_mib"]
+
+
+def summarise(res, cfgs, B, peak_tflops):
+    """Per config: medians of time, means of the plan numbers, ratios to I-JEPA (of the same mode,
+    when it ran), MFU = model FLOPs of the real tokens / median step time / peak (None: peak unknown)."""
+    base = {k: statistics.median(res["ijepa"][k]) if "ijepa" in res else None for k in ("wall", "cpu")}
+    rows = {}
+    for name, r in res.items():
+        plans, wall, cpu = r["plans"], statistics.median(r["wall"]), statistics.median(r["cpu"])
+        row = {k: sum(p[k] for p in plans) / len(plans) for k in plans[0]}
+        row.update(lam=cfgs[name]["lam"], wall_ms=1e3 * wall, cpu_ms=1e3 * cpu, img_s=B / wall,
+                   ratio_wall=wall / base["wall"] if base["wall"] else None,
+                   ratio_cpu=cpu / base["cpu"] if base["cpu"] else None,
+                   mem_mib=max(r["mem"]) if r["mem"] else None, step_mib=r.get("step_mib"), graphs=r["graphs"],
+                   mfu=row["gflop_img"] * B * 1e9 / wall / (peak_tflops * 1e12) if peak_tflops else None)
+        rows[name] = row
+    return rows
+
+
+def memory_kind(device):
+    return "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process"
+
+
+def print_table(rows, mode, steps, device, memory, peak_tflops, graphs):
+    """The main table of one mode."""
+    mfu = bool(peak_tflops)
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print(f"\nfull training step, {mode}, median of {steps}; x I-JEPA by wall clock and by process CPU time; "
+          f"memory (MiB): {memory_kind(device)}; tokens per image: real/padded")
+    print(f"{'config':16}{'lam':>4}{'wall ms':>9}{'cpu ms':>8}{'img/s':>7}{'x wall':>7}{'x cpu':>6}{'mem':>6}"
+          f"{'dseq':>6}{'regions':>8}{'enc tok':>10}{'pred tok':>10}{'GFLOP/img':>10}" + ("   MFU" if mfu else ""))
+    for name, r in rows.items():
+        print(f"{name:16}{r['lam']:>4.1f}{r['wall_ms']:>9.0f}{r['cpu_ms']:>8.0f}{r['img_s']:>7.1f}"
+              f"{fmt(r['ratio_wall'], '.2f'):>7}{fmt(r['ratio_cpu'], '.2f'):>6}{fmt(r['mem_mib'], '.0f'):>6}"
+              f"{r['dseq']:>6.2f}{r['regions']:>8.2f}{r['enc_real']:>5.0f}/{r['enc_pad']:<4.0f}"
+              f"{r['pred_real']:>5.0f}/{r['pred_pad']:<4.0f}{r['gflop_img']:>10.2f}" + (f"{100 * r['mfu']:>5.1f}%" if mfu else ""))
+    if device.type == "cpu" and memory and all(r["step_mib"] is not None for r in rows.values()):
+        print("peak RSS growth during the measured step (MiB): " + ", ".join(f"{n} {r['step_mib']:.0f}" for n, r in rows.items()))
+    if mfu:
+        print(f"MFU against {peak_tflops:g} TFLOP/s (override with --peak-tflops)")
+    if graphs:
+        print(f"torch.compile: {graphs['graphs_compiled']} graphs compiled, "
+              f"{graphs['recompiles_during_timing']} of them during the timed rounds (should be 0)")
+
+
+def print_side_by_side(by_mode, graphs):
+    """Eager and compiled per config: step time, img/s, MFU, peak memory, graphs, speed-up."""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    print("\neager vs torch.compile (median ms per step, img/s, MFU, peak MiB; graphs: first compiled in the "
+          "config's steps, shapes met by a config before are reused)")
+    print(f"{'config':16}{'eager ms':>9}{'img/s':>8}{'MFU':>7}{'MiB':>7} |{'comp. ms':>9}{'img/s':>8}{'MFU':>7}"
+          f"{'MiB':>7}{'graphs':>7} |{'speed-up':>9}")
+    for name, e in by_mode["eager"].items():
+        c = by_mode["compiled"].get(name)
+        if c is None:
+            continue
+        print(f"{name:16}{e['wall_ms']:>9.1f}{e['img_s']:>8.0f}{fmt(e['mfu'] and 100 * e['mfu'], '.1f'):>7}"
+              f"{fmt(e['mem_mib'], '.0f'):>7} |{c['wall_ms']:>9.1f}{c['img_s']:>8.0f}"
+              f"{fmt(c['mfu'] and 100 * c['mfu'], '.1f'):>7}{fmt(c['mem_mib'], '.0f'):>7}{c['graphs']:>7} |"
+              f"{e['wall_ms'] / c['wall_ms']:>8.2f}x")
+    g = graphs["compiled"]
+    print(f"compiled: {g['graphs_compiled']} graphs in all, {g['recompiles_during_timing']} during the timed rounds")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = get_parser().parse_known_args(argv)
@@ -599,88 +726,44 @@ def main(argv=None):
     info = {"command": "python bench.py " + shlex.join(argv), "machine": machine(device)}
     autocast, _ = config.make_autocast(targs, device)
     amp = targs.amp if targs.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    modes = args.modes or (["eager", "compiled"] if device.type == "cuda" else ["compiled" if targs.compile else "eager"])
     print(info["command"])
     print(" | ".join(f"{k} {v}" for k, v in info["machine"].items()), f"| device {device} | amp {amp} "
-          f"| compile {targs.compile} | model {targs.model} {targs.img_size}px/{targs.patch_size} | batch "
+          f"| modes {' '.join(modes)} | model {targs.model} {targs.img_size}px/{targs.patch_size} | batch "
           f"{targs.batch_size} | {args.steps} timed rounds after {warmup} warm-up", flush=True)
 
-    # --- models, configs, images (synthetic dataset, data.py), blob maps for the "+blobs" rows
-    models, step_models, optimizer, cfgs = setup(args, targs, device)
-    B, grid, names = targs.batch_size, models[0].grid, list(cfgs)
+    # --- images (synthetic dataset, data.py) and blob maps for the "+blobs" rows; then each mode
+    # (eager, compiled) builds the same models from --seed and times every config, one mode after
+    # the other, so a compiled run cut off by a time limit leaves the eager numbers written
+    B = targs.batch_size
     targs.num_train = max(targs.num_train, 2 * B)
     batches = iter(data.build_train_loader(targs, B, 0, 1, "cpu"))
     batches = [next(batches)[0].to(device) for _ in range(2)]  # two batches, alternated by round
-    maps = blob_maps(B, grid, torch.Generator().manual_seed(targs.seed)).to(device)  # (B, P)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    from torch._dynamo.utils import counters as dynamo  # ["stats"]["unique_graphs"]: graphs compiled
-
-    # --- round-robin timing: wall clock, and process CPU time (what our process itself burnt)
-    res = {n: dict(wall=[], cpu=[], mem=[], plans=[]) for n in names}
-    for rnd in range(warmup + args.steps):
-        if rnd == warmup:
-            graphs_at_warmup = dynamo["stats"]["unique_graphs"]
-        for i in range(len(names)):
-            name = names[(rnd + i) % len(names)]  # rotate the start: no config always runs first
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t, c = time.perf_counter(), time.process_time()
-            plan = full_step(models, step_models, optimizer, batches[rnd % 2], cfgs[name], maps, autocast)
-            sync()
-            if rnd >= warmup:
-                res[name]["wall"].append(time.perf_counter() - t)
-                res[name]["cpu"].append(time.process_time() - c)
-                res[name]["plans"].append(plan_numbers(plan, B, models[0], models[1], targs.patch_size, targs))
-                if device.type == "cuda":
-                    res[name]["mem"].append(torch.cuda.max_memory_allocated(device) / 2**20)
-
-    # --- memory on the CPU: one fresh process per config
-    mem_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS of a fresh process"
-    if device.type == "cpu" and args.memory:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "images.pt")
-            torch.save((batches[1].cpu(), maps.cpu()), path)
-            for name in names:
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--probe", name,
-                                      "--probe-images", path], capture_output=True, text=True, check=True)
-                probe = json.loads(out.stdout.strip().splitlines()[-1])
-                res[name]["mem"], res[name]["step_mib"] = [probe["peak_mib"]], probe["step_mib"]
-
-    # --- summarise: medians of time, means of the plan numbers over the timed steps
     if args.peak_tflops is None and device.type == "cuda" and amp == "bf16":
         args.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info["machine"]["gpu"]), None)
-    base = {k: statistics.median(res["ijepa"][k]) for k in ("wall", "cpu")}
-    rows = {}
-    for name in names:
-        r, plans = res[name], res[name]["plans"]
-        wall, cpu = statistics.median(r["wall"]), statistics.median(r["cpu"])
-        row = {k: sum(p[k] for p in plans) / len(plans) for k in plans[0]}
-        row.update(lam=cfgs[name]["lam"], wall_ms=1e3 * wall, cpu_ms=1e3 * cpu, img_s=B / wall,
-                   ratio_wall=wall / base["wall"], ratio_cpu=cpu / base["cpu"],
-                   mem_mib=max(r["mem"]) if r["mem"] else None, step_mib=r.get("step_mib"))
-        if args.peak_tflops:
-            row["mfu"] = row["gflop_img"] * B * 1e9 / wall / (args.peak_tflops * 1e12)
-        rows[name] = row
-    mfu = bool(args.peak_tflops)
-    print(f"\nfull training step, median of {args.steps}; x I-JEPA by wall clock and by process CPU time; "
-          f"memory (MiB): {mem_kind}; tokens per image: real/padded")
-    print(f"{'config':16}{'lam':>4}{'wall ms':>9}{'cpu ms':>8}{'img/s':>7}{'x wall':>7}{'x cpu':>6}{'mem':>6}"
-          f"{'dseq':>6}{'regions':>8}{'enc tok':>10}{'pred tok':>10}{'GFLOP/img':>10}" + ("   MFU" if mfu else ""))
-    for name, r in rows.items():
-        mem = f"{r['mem_mib']:.0f}" if r["mem_mib"] is not None else "-"
-        print(f"{name:16}{r['lam']:>4.1f}{r['wall_ms']:>9.0f}{r['cpu_ms']:>8.0f}{r['img_s']:>7.1f}{r['ratio_wall']:>7.2f}"
-              f"{r['ratio_cpu']:>6.2f}{mem:>6}{r['dseq']:>6.2f}{r['regions']:>8.2f}{r['enc_real']:>5.0f}/{r['enc_pad']:<4.0f}"
-              f"{r['pred_real']:>5.0f}/{r['pred_pad']:<4.0f}{r['gflop_img']:>10.2f}" + (f"{100 * r['mfu']:>5.1f}%" if mfu else ""))
-    if device.type == "cpu" and args.memory:
-        print("peak RSS growth during the measured step (MiB): " + ", ".join(f"{n} {r['step_mib']:.0f}" for n, r in rows.items()))
-    if mfu:
-        print(f"MFU against {args.peak_tflops:g} TFLOP/s (override with --peak-tflops)")
-    if targs.compile:
-        info["recompiles_during_timing"] = dynamo["stats"]["unique_graphs"] - graphs_at_warmup
-        info["graphs_compiled"] = dynamo["stats"]["unique_graphs"]
-        info["recompile_reasons"] = sorted({str(k)[:200] for k in dynamo.get("recompiles", {})})
-        print(f"torch.compile: {dynamo['stats']['unique_graphs']} graphs compiled, "
-              f"{info['recompiles_during_timing']} of them during the timed rounds (should be 0)")
+    by_mode, graph_info = {}, {}
+    for mode in modes:
+        mtargs = argparse.Namespace(**{**vars(targs), "compile": mode == "compiled"})
+        models, step_models, optimizer, cfgs = setup(args, mtargs, device)
+        grid, names = models[0].grid, list(cfgs)
+        maps = blob_maps(B, grid, torch.Generator().manual_seed(targs.seed)).to(device)  # (B, P)
+        res, graph_info[mode] = time_configs(args, mtargs, device, warmup, models, step_models, optimizer, cfgs,
+                                             batches, maps, autocast)
+        if device.type == "cpu" and args.memory and mode == modes[0]:  # one fresh process per config
+            probe_memory(argv + ["--compile", "on" if mtargs.compile else "off"], names, batches[1], maps, res)
+        by_mode[mode] = summarise(res, cfgs, B, args.peak_tflops)
+        print_table(by_mode[mode], mode, args.steps, device, args.memory, args.peak_tflops, graph_info[mode])
+        if args.json:  # what is done so far (the final write below replaces it)
+            write_json({**info, "partial": True, "modes": by_mode, "graphs": graph_info}, args.json, quiet=True)
+        if mode != modes[-1]:
+            del models, step_models, optimizer, cfgs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rows = by_mode[modes[0]]
+    if len(modes) == 2:
+        print_side_by_side(by_mode, graph_info)
+    if "compiled" in graph_info:
+        info.update(graph_info["compiled"])
 
     # --- saliency: batched vs per-image OpenCV
     sal = bench_saliency(args.sal_batch, grid, targs.regions, targs.alpha, args.sal_repeats, device) \
@@ -734,7 +817,8 @@ def main(argv=None):
     print("targets: " + "; ".join(f"{k}: {'MET' if v else 'MISSED'}" for k, v in checks.items()))
     result = {**info, "config": {k: getattr(targs, k) for k in ("model", "img_size", "patch_size", "batch_size",
               "pred_dim", "pred_depth", "regions", "alpha", "compile", "pack_splits", "pack_rows")}, "amp": amp, "steps": args.steps,
-              "warmup": warmup, "memory": mem_kind, "peak_tflops": args.peak_tflops, "rows": rows,
+              "warmup": warmup, "memory": memory_kind(device), "peak_tflops": args.peak_tflops, "rows": rows,
+              "modes": by_mode, "graphs": graph_info,
               "saliency": sal, "packing": pack, "loader": loader, "targets": checks}
     if args.json:
         with open(args.json, "w") as f:

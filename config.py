@@ -44,13 +44,11 @@ PRESETS = {
     # Small-compute research settings: 8 x 8 patches of 4 px on 32 px images.
     "cifar10-tiny": dict(dataset="cifar10", img_size=32, patch_size=4, model="tiny", pred_dim=192,
                          pred_depth=6, epochs=100, batch_size=256, warmup_epochs=10, lr=1e-3),
-    "fashion-mnist-tiny": dict(dataset="fashion_mnist", img_size=32, patch_size=4, model="tiny",
-                               pred_dim=192, pred_depth=6, epochs=100, batch_size=256,
-                               warmup_epochs=10, lr=1e-3),
+    "fashion-mnist-tiny": dict(dataset="fashion_mnist", img_size=32, patch_size=4, model="tiny", pred_dim=192,
+                               pred_depth=6, epochs=100, batch_size=256, warmup_epochs=10, lr=1e-3),
     # The official small setting: ViT-T/16 on a 10 % ImageNet-1K subset, 256 images per GPU.
-    "in1k-vit-tiny-10pct": dict(dataset="imagefolder", img_size=224, patch_size=16, model="tiny",
-                                pred_dim=192, pred_depth=6, epochs=100, batch_size=2048,
-                                warmup_epochs=15, lr=1e-3),
+    "in1k-vit-tiny-10pct": dict(dataset="imagefolder", img_size=224, patch_size=16, model="tiny", pred_dim=192,
+                                pred_depth=6, epochs=100, batch_size=2048, warmup_epochs=15, lr=1e-3),
     # Paper settings (batch 2048 global).
     "in1k-vit-base": dict(dataset="imagefolder", img_size=224, patch_size=16, model="base",
                           pred_dim=384, pred_depth=6, epochs=600, batch_size=2048, warmup_epochs=15),
@@ -165,11 +163,11 @@ def get_args_parser():
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="autocast dtype: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile encoder and predictor; plans are then padded to 4 sizes per octave "
-                        "(masking.pad_width) so a run compiles a handful of graphs. Off by default: on an H200 with "
-                        "torch 2.11, Inductor crashed compiling the backward of these dynamic-shape graphs (README, "
-                        "known limitations); eager bf16 is tested there")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile encoder, predictor and target features, static shapes: plans and sub-batches "
+                        "padded to a few sizes (masking.pad_width, split_plan), one graph each; a compiler error falls "
+                        "back to eager. auto: on for CUDA, off on the CPU (a C++ build per shape); --compile = on")
+    g.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     g.add_argument("--pack-splits", default="auto",
                    help="K: both networks run on ~K sub-batches of similar-length rows, each padded to its own width (same "
                         "loss); 1 = one padded batch; auto: up to 8 where the padding saved pays for the pass (masking.pack_settings)")
@@ -252,8 +250,10 @@ def check_args(args, parser):
             parser.error(f"{flag} {lo:g} {hi:g}: need 0 < MIN <= MAX <= 1 (fractions of the image)")
     if not 0 <= args.ema[0] <= args.ema[1] <= 1:
         parser.error(f"--ema {args.ema[0]:g} {args.ema[1]:g}: need 0 <= START <= END <= 1 (paper: 0.996 1.0)")
-    if args.amp == "fp16" and (args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if args.amp == "fp16" and not cuda:
         parser.error("--amp fp16 needs CUDA; use --amp none (or bf16) on the CPU")
+    args.compile = args.compile == "on" or (args.compile == "auto" and cuda)  # a bool from here on
     if args.dataset not in data.BUILT_IN and args.data_path is None:
         parser.error(f"--dataset {args.dataset} needs --data-path (the folder holding it)")
     if args.accum_steps < 1 or args.batch_size < 1:
@@ -473,8 +473,8 @@ def fit_threads(args, device):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; all ranks agree on it at the end of the step
-    (agree_to_stop), write a checkpoint and exit cleanly. DataLoader workers ignore these (data.py)."""
+    """SIGTERM / SIGUSR1 (cluster preemption) set a flag; all ranks agree on it after a step (agree_to_stop;
+    torchrun on CUDA: the next log / checkpoint step), checkpoint and exit cleanly. Workers ignore them."""
 
     def __init__(self):
         self.requested = False
@@ -486,10 +486,10 @@ class Preemption:
 
 
 def agree_to_stop(stop, diverged, device):
-    """Combine every rank's "a stop signal arrived" and "my loss is not finite" with one small
-    all-reduce (MAX), so that all ranks stop at the same step. A rank that left on its own would leave
-    the others waiting forever in the next gradient all-reduce, and no checkpoint would be written.
-    Returns (stop, diverged) as seen by all ranks; no communication in a single process."""
+    """Combine every rank's "a stop signal arrived" and "my loss is not finite" with one small all-reduce
+    (MAX), so that all ranks stop at the same step. A rank that left on its own would leave the others
+    waiting forever in the next gradient all-reduce, and no checkpoint would be written. Returns (stop,
+    diverged) as seen by all ranks; one process: no communication. Called at steps all ranks know (train.py)."""
     _, world = dist_info()
     if world == 1:
         return stop, diverged

@@ -612,6 +612,13 @@ class Transform:
         return normalize(x[None])[0]
 
 
+def to_device(array, device):
+    """A numpy array as a tensor on `device`. To CUDA through pinned memory without blocking: a plain
+    host-to-device copy waits for the device, a host sync per batch (train.py allows one per step)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
 def crop_resize(imgs, boxes, flips, size):
     """Cut one box per image and resize all to size x size with one affine_grid + grid_sample.
 
@@ -620,8 +627,10 @@ def crop_resize(imgs, boxes, flips, size):
     enlarging; aliases a little when a crop shrinks by more than 2x).
     """
     B, _, H, W = imgs.shape
-    top, left, h, w = torch.as_tensor(np.asarray(boxes, np.float32), device=imgs.device).unbind(1)
-    sign = 1 - 2 * torch.as_tensor(np.asarray(flips), device=imgs.device).float()  # -1 mirrors
+    params = to_device(np.concatenate([np.asarray(boxes, np.float32), np.asarray(flips, np.float32)[:, None]], 1),
+                       imgs.device)  # (B, 5)
+    top, left, h, w, flip = params.unbind(1)
+    sign = 1 - 2 * flip  # -1 mirrors
     theta = torch.zeros(B, 2, 3, device=imgs.device)  # output [-1, 1] -> input [-1, 1]
     theta[:, 0, 0], theta[:, 0, 2] = sign * w / W, (2 * left + w) / W - 1
     theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * top + h) / H - 1
@@ -732,7 +741,7 @@ class DeviceLoader:
         return n // b if self.train else -(-n // b)
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler), dtype=torch.long, device=self.images.device)
+        order = to_device(np.array(list(self.sampler), np.int64), self.images.device)  # (N,)
         rng = np.random.default_rng([self.seed, self.sampler.epoch, self.sampler.rank])
         H, W = self.images.shape[-2:]
         for b in range(len(self)):

@@ -486,7 +486,7 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None, pass_cos
     both). Here the real rows are sorted by (context length, target length) and cut into <= k
     contiguous runs that minimise the tokens computed by both networks,
         sum over runs of rows * (Lc + (Lc + Lt))      (encoder Lc, predictor Lc + Lt),
-    Lc, Lt = pad_width of the run's longest context / target (the compile buckets with geometric),
+    Lc, Lt = pad_width of the run's longest context / target,
     found by dynamic programming over the cut points (numpy tables of <= (P + 1)^2, no loop per row).
     A run with fewer computed tokens never costs more; ties keep fewer runs. pass_cost (token units,
     pack_settings for --pack-splits auto) is added per run, so more runs are chosen only where they
@@ -501,10 +501,19 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None, pass_cos
     about 2k sub-plans come out.
     Rows without any token (replicate mode's compile padding) are dropped: they are never scored.
 
+    geometric (torch.compile, static shapes): no DP. Every sub-plan has the same number of rows,
+    chunk_rows(R, k, max_rows) (R = the plan's rows, itself one of few values), so that a compiled
+    graph is one (Lc, Lt) bucket and not one per (rows, Lc, Lt): the sorted rows are cut into
+    consecutive chunks of that size, the first one filled up with empty rows (copies of the
+    shortest row, all level 0: never attended to, never scored). Widths are pad_width(geometric).
+    The price, on 200 plans of batch 128, 14 x 14 patches, k = 8, lambda 0 -> 1 (smooth random
+    saliency maps): 19 % of the computed tokens are padding, against 9 % with the DP at multiples of
+    8, which gave 260 encoder and 772 predictor shapes (rows, Lc, Lt) where this gives 9 and 33.
+
     plan: a Plan with R rows; returns a list of Plans whose rows are plan's non-empty rows, each
-    exactly once, with columns [:Lc], [:Lt] of the same tokens (so the same levels, the same
-    masks, the same loss terms). dseq / n_regions stay per-sample (B,). k <= 1 returns [plan]
-    (one padded batch, whatever max_rows).
+    exactly once (plus the empty filler rows under geometric), with columns [:Lc], [:Lt] of the same
+    tokens (so the same levels, the same masks, the same loss terms). dseq / n_regions stay
+    per-sample (B,). k <= 1 returns [plan] (one padded batch, whatever max_rows).
     No host sync for plans from _pack (it reads the row lengths in the plan's one sync); the runs'
     row indices go to the device in one non-blocking copy.
     """
@@ -518,10 +527,43 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None, pass_cos
         n_c, n_t, top = torch.stack([n_c, n_t, top]).cpu().numpy()  # 3 x (R,)
     rows = np.flatnonzero(n_c + n_t > 0)  # (R',) rows with at least one token
     rows = rows[np.lexsort((n_t[rows], n_c[rows]))]  # (R',) by context length, then target length
-    c, t, R = n_c[rows], n_t[rows], len(rows)
+    R = len(rows)
     if R == 0:
         return [plan]
+    filler = 0
+    if geometric:  # equal chunks, the first one filled up with copies of the shortest row
+        size = chunk_rows(plan.sample.shape[0], k, max_rows)
+        filler = -(-R // size) * size - R
+        rows = np.concatenate([np.full(filler, rows[0]), rows])  # (R' + filler,)
+        bounds = [(start, start + size) for start in range(0, len(rows), size)]
+    c, t = n_c[rows], n_t[rows]  # (rows,) each, in the sorted order
+    c[:filler], t[:filler] = 0, 0  # the filler rows hold no token
     width = np.array([pad_width(n, pad_multiple, geometric) for n in range(max(c.max(), t.max()) + 1)])
+    if not geometric:
+        bounds = _dp_runs(c, t, width, k, max_rows, pass_cost)
+    order = torch.from_numpy(rows)  # (rows,) all runs' rows, copied to the device at once
+    if plan.sample.is_cuda:  # pinned + non_blocking: the copy does not wait for the device
+        order = order.pin_memory().to(plan.sample.device, non_blocking=True)
+    parts = []
+    for start, end in bounds:
+        Lc, Lt = int(width[c[end - 1]]), int(width[t[start:end].max()])
+        Lc, Lt = min(Lc, plan.ctx_idx.shape[1]), min(Lt, plan.tgt_idx.shape[1])
+        idx = order[start:end]  # (r,) rows of this run
+        ctx_lvl, tgt_lvl, tgt_grp = plan.ctx_lvl[idx, :Lc], plan.tgt_lvl[idx, :Lt], plan.tgt_grp[idx, :Lt]
+        if start < filler:  # level 0 makes a filler row padding; the tensors keep their shapes
+            live = (torch.arange(end - start, device=idx.device) >= filler - start)[:, None]  # (r, 1)
+            ctx_lvl, tgt_lvl, tgt_grp = ctx_lvl * live, tgt_lvl * live, tgt_grp * live
+        part = Plan(plan.sample[idx], plan.ctx_idx[idx, :Lc], ctx_lvl,  # (r,), (r, Lc) x2
+                    plan.tgt_idx[idx, :Lt], tgt_lvl, tgt_grp, plan.dseq, plan.n_regions)  # (r, Lt) x3
+        part.ctx_full = bool((c[start:end] == Lc).all() and (top[rows[start:end]] <= 1).all())
+        parts.append(part)
+    return parts
+
+
+def _dp_runs(c, t, width, k, max_rows, pass_cost=0.0):
+    """split_plan's runs without geometric: (start, end) row ranges of the sorted rows (context
+    lengths c, target lengths t, both (R,)), <= k DP runs, then cut into chunks of <= max_rows."""
+    R = len(c)
     # Candidate cut points: where the context length changes (a cut between two rows of equal
     # context length can only shorten target lists; <= P + 1 candidates keep the tables small).
     pos = np.flatnonzero(np.diff(c, prepend=-1, append=-1))  # (Q,) 0, change points, R
@@ -532,10 +574,8 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None, pass_cos
     max_t = np.zeros((len(pos), len(pos)), dtype=np.int64)  # (Q, Q) [i, j] = max t[pos[i]:pos[j]]
     max_t[:-1, 1:] = np.maximum.accumulate(t_from, axis=1)[:, pos[1:] - 1]
     max_c = np.concatenate([[0], c[pos[1:] - 1]])[None, :]  # (1, Q) [j] = c[pos[j] - 1]
-    # torch.compile specialises a size-1 batch dimension (one more graph): runs of >= 2 rows then.
-    min_rows = 2 if geometric and R >= 2 else 1
     rows_ij = pos[j] - pos[i]  # (Q, Q) rows in run i:j
-    cost = np.where(rows_ij >= min_rows, rows_ij * (2 * width[max_c] + width[max_t]) + pass_cost, np.inf)  # (Q, Q)
+    cost = np.where(rows_ij >= 1, rows_ij * (2 * width[max_c] + width[max_t]) + pass_cost, np.inf)  # (Q, Q)
     # best[m][j]: least cost of rows[:pos[j]] in m runs; cut[m][j]: where its last run starts.
     best, cut = [np.where(j[0] == 0, 0.0, np.inf)], [None]
     for m in range(1, min(k, R) + 1):
@@ -548,25 +588,35 @@ def split_plan(plan, k, pad_multiple=8, geometric=False, max_rows=None, pass_cos
         start = int(cut[level][end])
         runs.insert(0, (int(pos[start]), int(pos[end])))
         end = start
-    # Runs longer than max_rows -> equal chunks (never a 1-row chunk under compile, see min_rows).
+    # Runs longer than max_rows -> equal chunks
     cap = max(-(-R // k), MIN_CHUNK_ROWS) if max_rows is None else (max_rows or R)
     bounds = []
     for start, end in runs:
         n = end - start
-        chunks = max(1, min(-(-n // cap), n // min_rows))
+        chunks = -(-n // cap)
         edges = [start + n * i // chunks for i in range(chunks + 1)]  # sizes differ by <= 1
         bounds.extend(zip(edges[:-1], edges[1:]))
-    order = torch.from_numpy(rows)  # (R',) all runs' rows, copied to the device at once
-    if plan.sample.is_cuda:  # pinned + non_blocking: the copy does not wait for the device
-        order = order.pin_memory().to(plan.sample.device, non_blocking=True)
-    parts = []
-    for start, end in bounds:
-        Lc, Lt = int(width[c[end - 1]]), int(width[t[start:end].max()])
-        Lc, Lt = min(Lc, plan.ctx_idx.shape[1]), min(Lt, plan.tgt_idx.shape[1])
-        idx = order[start:end]  # (r,) rows of this run
-        part = Plan(plan.sample[idx], plan.ctx_idx[idx, :Lc], plan.ctx_lvl[idx, :Lc],  # (r,), (r, Lc) x2
-                    plan.tgt_idx[idx, :Lt], plan.tgt_lvl[idx, :Lt], plan.tgt_grp[idx, :Lt],  # (r, Lt) x3
-                    plan.dseq, plan.n_regions)
-        part.ctx_full = bool((c[start:end] == Lc).all() and (top[rows[start:end]] <= 1).all())
-        parts.append(part)
-    return parts
+    return bounds
+
+
+def chunk_rows(R, k, max_rows=None):
+    """Rows of every sub-plan of split_plan(geometric=True) for a plan of R rows: --pack-rows if set,
+    else ceil(R / k), at least MIN_CHUNK_ROWS unless max_rows == 0; never more than R."""
+    size = max_rows or (-(-R // k) if max_rows == 0 else max(-(-R // k), MIN_CHUNK_ROWS))
+    return min(size, R)
+
+
+def compile_shapes(batch, num_patches, k, n_targets=4, num_regions=5, replicate=False, max_rows=None,
+                   pad_multiple=8):
+    """Every sub-batch shape a run can give torch.compile (plans and split_plan with geometric=True):
+    (row counts, context widths Lc, target widths Lt), each a sorted list. A graph of the context
+    encoder is one (rows, Lc) (twice: with and without its mask), a graph of the predictor one
+    (rows, Lc, Lt), so rows x Lc x Lt bounds the graphs of either (train.py's recompile limit).
+    Plan rows: the batch; replicate: one row per Eq. 5 step, batch .. (num_regions - 1) x batch,
+    padded geometrically (_pack). Targets: at most n_targets blocks of <= num_patches (I-JEPA)."""
+    plan_rows = range(batch, (num_regions - 1) * batch + 1) if replicate else [batch]
+    plan_rows = {pad_width(r, pad_multiple, True) if replicate else r for r in plan_rows}
+    rows = {r if k <= 1 else chunk_rows(r, k, max_rows) for r in plan_rows}
+    ctx = {pad_width(n, pad_multiple, True) for n in range(num_patches + 1)}
+    tgt = {pad_width(n, pad_multiple, True) for n in range(max(n_targets, 1) * num_patches + 1)}
+    return sorted(rows), sorted(ctx), sorted(tgt)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 
@@ -179,8 +180,8 @@ def train_step(models, images, lam, args, generator, autocast):
 
 def wrap_for_speed(models, args, world, device):
     """DDP and torch.compile around the modules the step calls. The raw modules stay the caller's,
-    for EMA and checkpoints; the EMA target encoder is never wrapped in DDP (it gets no gradients).
-    Returns (encoder, predictor, target_encoder) to pass to train_step."""
+    for EMA, checkpoints and evaluation (eager, any batch size); the EMA target encoder is never
+    wrapped in DDP (it gets no gradients). Returns (encoder, predictor, target_encoder) to pass to train_step."""
     encoder, predictor, target_encoder = models
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -188,16 +189,81 @@ def wrap_for_speed(models, args, world, device):
         # collective, and with sub-batches (--pack-splits) ranks may run different numbers of forwards.
         encoder, predictor = (DDP(m, device_ids=ids, broadcast_buffers=False) for m in (encoder, predictor))
     if args.compile:
-        # Plan widths change from step to step, so torch.compile soon recompiles with a dynamic
-        # sequence length. On an H200 with torch 2.11 the backward of such a graph crashed in
-        # Inductor's "mix-order reduction" (LayerNorm-backward partial sums: "shape '[1408, 384]' is
-        # invalid for input of size 640"; results/gpu/, pytorch issue 186426). Turning that one fusion
-        # off costs a little backward speed and keeps dynamic shapes, so the graph count stays small.
+        # Static shapes, as DINOv3 compiles: plans and sub-batches come in a few shapes (masking.
+        # compile_shapes), each compiled into its own specialised graph when first met (metrics.jsonl
+        # counts them). Dynamic shapes crashed Inductor twice on an H200 (torch 2.11, README), both
+        # times in symbolic-size code that specialised graphs never reach.
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
-        inductor_config.triton.mix_order_reduction = False
-        encoder, predictor = torch.compile(encoder), torch.compile(predictor)
-        target_encoder.features = torch.compile(target_encoder.features)  # data-dependent saliency stays eager
+        k, _, max_rows = masking.pack_settings(args.pack_splits, args.pack_rows, target_encoder.embed_dim,
+                                               target_encoder.num_patches, device.type)  # as train_step splits
+        rows, ctx, tgt = masking.compile_shapes(
+            args.batch_size // (world * args.accum_steps), target_encoder.num_patches, k, args.num_targets,
+            args.regions if args.region_source == "saliency" else args.num_targets + 1, args.dseq_pass == "replicate",
+            max_rows)
+        limit = len(rows) * len(ctx) * len(tgt)  # predictor graphs at most (the encoder's: rows x Lc x 2)
+        dynamo_config.automatic_dynamic_shapes = False  # a shape seen twice stays static, never symbolic
+        for name, old, value in (("recompile_limit", "cache_size_limit", limit),  # old names: torch < 2.6
+                                 ("accumulated_recompile_limit", "accumulated_cache_size_limit", 3 * limit)):
+            name = name if hasattr(dynamo_config, name) else old
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), value))
+        # Kept until a static-shape GPU run shows it is not needed (none has run yet): the dynamic-shape
+        # backward crashed in Inductor's mix-order reduction of LayerNorm's backward (pytorch issue 186426).
+        if hasattr(inductor_config.triton, "mix_order_reduction"):
+            inductor_config.triton.mix_order_reduction = False
+        encoder, predictor = (torch.compile(m, dynamic=False) for m in (encoder, predictor))
+        # A shallow copy shares the parameters (the EMA reaches it) and compiles the step's feature pass
+        # (saliency stays eager); the raw module stays eager for the kNN monitor's other batch sizes.
+        target_encoder = copy.copy(target_encoder)
+        target_encoder.features = torch.compile(target_encoder.features, dynamic=False)
     return encoder, predictor, target_encoder
+
+
+def eager_fallback(error, models, args, world, device, step):
+    """Step models without torch.compile after a compiler error. Compilation is lazy (a new shape
+    at its first forward, its backward at the first backward), so the error surfaces inside a step;
+    one process says so in one line and the caller reruns the step. Under torchrun a failed backward
+    may have sent some gradient buckets while the other ranks wait for the rest: no rerun can match."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner  # the compiler's own error, not dynamo's / Inductor's wrapper around it
+    what = (f"torch.compile failed at step {step} with torch {torch.__version__} ({type(error).__name__}: "
+            f"{(str(error).strip().splitlines() or [''])[0][:200]})")
+    if world > 1:
+        config.fail(f"{what}; rerun with --compile off")
+    tqdm.write(f"warning: {what}; training goes on in eager mode (--compile off skips compiling)", file=sys.stderr)
+    eager = copy.copy(args)
+    eager.compile = False  # plans keep the compiled shapes (the same loss): only the modules change
+    return wrap_for_speed(models, eager, world, device)
+
+
+def optimizer_step(step_models, micro_batches, lam, optimizer, scaler, args, generator, autocast, world, device):
+    """Steps 1-6 of one optimizer step: forward and backward of every micro-batch (gradients summed
+    in the parameters), clipping, the AdamW step. Returns (loss, stats): the mean loss as a float64
+    device scalar (no host sync; float64 sums the fp32 losses exactly as the host's float did) and
+    the last micro-batch's stats. A failure before the AdamW step leaves the weights untouched."""
+    run_encoder, run_predictor = step_models[:2]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro, images in enumerate(micro_batches):
+        images = images.to(device, non_blocking=True)
+        # DDP all-reduces gradients only after the last micro-step of the accumulation
+        defer = world > 1 and micro < len(micro_batches) - 1
+        with (run_encoder.no_sync() if defer else nullcontext()), \
+                (run_predictor.no_sync() if defer else nullcontext()):
+            loss, _, stats = train_step(step_models, images, lam, args, generator, autocast)
+            loss = loss / args.accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += loss.detach().double()
+    if scaler:
+        scaler.unscale_(optimizer)
+    if args.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +328,8 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
 
-    step_models = wrap_for_speed(models, args, world, device)
-    run_encoder, run_predictor = step_models[:2]
+    step_models, compiled = wrap_for_speed(models, args, world, device), args.compile
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"] if compiled else 0  # process-wide count
 
     preempt = config.Preemption()
     log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
@@ -273,7 +339,13 @@ def main(argv=None):
     if step == 0 and args.knn_every:  # the untrained target encoder: the random-init level of the curve
         knn_monitor(target_encoder, args, device, step, epoch, log, master)
     t_last = time.perf_counter()
-    stop = False  # agreed by all ranks every step (config.agree_to_stop), never a rank-local decision
+    # Host syncs on CUDA: one per step, the plan's (masking._pack). The loss and its finiteness stay
+    # on the device until a check step: a log or checkpoint step, the last one, or (one process) a
+    # stop signal; on the CPU every step (nothing to wait for). Every rank knows these steps in
+    # advance, so they agree there (config.agree_to_stop): under torchrun a signal waits for the next
+    # one. first_bad keeps the first non-finite loss until read: caught before any checkpoint.
+    first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # (step, loss) of it
+    stop = False  # agreed by all ranks at check steps, never a rank-local decision
     while step < stop_at and not stop:
         # resumed mid-epoch: the same order, the sampler starts after what was seen (nothing is re-read)
         loader.set_epoch(epoch, start_batch=skip * args.accum_steps)
@@ -287,50 +359,48 @@ def main(argv=None):
                 group["lr"] = sched["lr"]
                 if not group.get("no_decay"):
                     group["weight_decay"] = sched["wd"]
-            loss_sum = 0.0
-            for micro in range(args.accum_steps):
-                images, _ = next(batches)
-                images = images.to(device, non_blocking=True)
-                # DDP all-reduces gradients only after the last micro-step of the accumulation
-                defer = world > 1 and micro < args.accum_steps - 1
-                with (run_encoder.no_sync() if defer else nullcontext()), \
-                        (run_predictor.no_sync() if defer else nullcontext()):
-                    loss, plan, stats = train_step(step_models, images, sched["lambda"], args, generator, autocast)
-                    loss = loss / args.accum_steps
-                    (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.item()  # one host sync per micro-step (the plan already needs one)
-            if scaler:
-                scaler.unscale_(optimizer)
-            if args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [next(batches)[0] for _ in range(args.accum_steps)]
+            plan_state = generator.get_state() if compiled else None  # host-side state: no sync
+            rest = (micro_batches, sched["lambda"], optimizer, scaler, args, generator, autocast, world, device)
+            try:
+                loss_sum, stats = optimizer_step(step_models, *rest)
+            except Exception as error:  # a compiler error: rerun the step eager (eager_fallback)
+                if not compiled or isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise
+                step_models, compiled = eager_fallback(error, models, args, world, device, step), False
+                generator.set_state(plan_state)  # the same plans, from clean gradients
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, stats = optimizer_step(step_models, *rest)
             # --- 7. EMA update of the target encoder
             ema_update(target_encoder, encoder, sched["ema"])
-            # --- every rank agrees to go on, stop (signal), or give up (non-finite loss anywhere; a
-            # NaN on one rank reached every rank's weights through the gradient all-reduce anyway)
-            stop, diverged = config.agree_to_stop(preempt.requested, not math.isfinite(loss_sum), device)
-            if diverged:
-                what = loss_sum if not math.isfinite(loss_sum) else "not finite on another process"
-                config.fail(f"loss is {what} at step {step}; stopping without writing a checkpoint "
-                            f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
+            now_bad = ~loss_sum.isfinite() & (first_bad[0] < 0)  # on the device
+            first_bad = torch.where(now_bad, torch.stack([torch.full_like(loss_sum, step), loss_sum]), first_bad)
             step += 1
+            check = (device.type != "cuda" or step % args.log_every == 0 or step % args.ckpt_every == 0
+                     or step >= stop_at or (world == 1 and preempt.requested))
+            if check:  # --- every rank agrees to go on, stop (signal), or give up (non-finite loss anywhere; a
+                # NaN on one rank reached every rank's weights through the gradient all-reduce anyway)
+                bad_step, bad_loss, loss_now = torch.cat([first_bad, loss_sum[None]]).tolist()
+                stop, diverged = config.agree_to_stop(preempt.requested, bad_step >= 0, device)
+                if diverged:
+                    what, at = (bad_loss, int(bad_step)) if bad_step >= 0 else ("not finite on another process", step - 1)
+                    config.fail(f"loss is {what} at step {at}; stopping without writing a checkpoint "
+                                f"(the last good one in {args.out_dir} is intact). Try a lower --lr or --clip-grad 1.0.")
 
             # --- logging, checkpoints, preemption
             if master:
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{sched['lr']:.2e}", lam=f"{sched['lambda']:.2f}",
-                                img_s=f"{args.batch_size / dt:.0f}")
+                if check:
+                    bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{sched['lr']:.2e}", lam=f"{sched['lambda']:.2f}",
+                                    img_s=f"{args.batch_size / dt:.0f}")
                 if step % args.log_every == 0 or step == stop_at:
-                    row = {"step": step, "epoch": epoch, "loss": loss_sum, **sched, "step_time": dt,
+                    row = {"step": step, "epoch": epoch, "loss": loss_now, **sched, "step_time": dt,
                            "img_per_s": args.batch_size / dt, "peak_mem_mb": config.peak_memory_mb(device)}
                     row.update({k: float(v) for k, v in stats.items()})
+                    if compiled:  # graphs this run compiled so far (new shapes compile lazily, when first met)
+                        row["graphs_compiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
                     log.write(json.dumps(row) + "\n")
                     log.flush()
             if step % args.ckpt_every == 0 or step == stop_at or stop:  # every rank: gathers the RNG states

@@ -23,6 +23,7 @@ def test_bench_runs_and_reports_every_config(tmp_path):
     rows = result["rows"]
     assert set(rows) == set(bench.CONFIGS) and json.loads(out.read_text())["rows"].keys() == rows.keys()
     assert rows["ijepa"]["ratio_wall"] == 1.0 and rows["ijepa"]["dseq"] == 0.0
+    assert list(result["modes"]) == ["eager"] and rows["ijepa"]["mfu"] is None  # the CPU: eager, no known peak
     # The synthetic blob maps give every sample N-1 = 4 ranked regions + background: all DSeq plans.
     assert rows["causal+blobs"]["dseq"] == 1.0 and rows["causal+blobs"]["regions"] == 5.0
     for r in rows.values():
@@ -41,6 +42,44 @@ def test_bench_runs_and_reports_every_config(tmp_path):
         assert r["enc_real"] <= r[K]["enc_computed"] and 0 <= r[K]["enc_waste"] < 1
     assert tokens["mix@32"][K]["sub_batches"] > 1
     assert {"ijepa k1", f"ijepa {K}", "causal+blobs k1", f"causal+blobs {K}"} <= set(result["packing"]["time"])
+
+
+def test_eager_and_compiled_side_by_side_with_mfu_memory_and_graphs(tmp_path, monkeypatch, capsys):
+    """What bench.py reports on CUDA (eager and compiled, one after the other, then side by side),
+    run on the CPU at toy size: for I-JEPA, DSeq causal on its own regions and on 4 regions, and
+    replicate, the ms per step, img/s, MFU (from --peak-tflops here: a CPU has no entry in the
+    peak table), peak memory (CPU: only with the fresh-process probes, off here) and the graphs
+    compiled per config. Compiled through dynamo with aot_eager (no code generation: seconds). The
+    two warm-up rounds compile every graph: the timed rounds repeat their plans, so none recompiles."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.backends.debugging import aot_eager
+
+    for key in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
+        monkeypatch.setattr(dynamo_config, key, getattr(dynamo_config, key))  # put back after the test
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": aot_eager}))
+    configs = ["ijepa", "causal", "causal+blobs", "replicate+blobs"]
+    out, threads = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        result = bench.main(TOY + ["--modes", "eager", "compiled", "--configs", *configs, "--peak-tflops", "1",
+                                   "--steps", "2", "--warmup", "2", "--sal-batch", "0", "--loader-images", "0",
+                                   "--pack-batches", "--pack-time-batch", "0", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    modes = result["modes"]
+    assert list(modes) == ["eager", "compiled"] and result["rows"] == modes["eager"]
+    for mode, rows in modes.items():
+        assert list(rows) == configs
+        for r in rows.values():
+            assert r["wall_ms"] > 0 and r["img_s"] > 0 and r["mfu"] > 0 and "mem_mib" in r
+            assert (r["graphs"] > 0) == (mode == "compiled")
+    assert modes["compiled"]["causal+blobs"]["dseq"] == 1.0 and modes["compiled"]["causal+blobs"]["regions"] == 5.0
+    graphs = result["graphs"]["compiled"]
+    assert graphs["graphs_compiled"] == sum(r["graphs"] for r in modes["compiled"].values())
+    assert graphs["recompiles_during_timing"] == 0
+    assert "eager vs torch.compile" in capsys.readouterr().out
+    assert json.loads(out.read_text())["modes"]["compiled"].keys() == modes["compiled"].keys()
 
 
 def test_pack_time_only_times_the_split_against_one_padded_batch(tmp_path):

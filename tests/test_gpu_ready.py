@@ -3,7 +3,6 @@ set of shapes (and so of compiled graphs) under torch.compile, thread / worker d
 the machine, and (marked `cuda`, skipped here) one host sync per step."""
 
 import copy
-import functools
 import warnings
 
 import pytest
@@ -104,32 +103,56 @@ def test_geometric_plan_pads_rows_and_tokens_and_is_the_same_plan(mode):
 
 
 @pytest.mark.slow
-def test_a_compiled_lambda_mixed_run_compiles_a_handful_of_graphs():
+def test_a_compiled_lambda_mixed_run_has_one_static_graph_per_shape(monkeypatch):
+    """200 steps of a lambda-mixed run (0 -> 1: I-JEPA, mixed, then DSeq plans) through
+    train.wrap_for_speed's real settings: dynamic=False, no automatic dynamic shapes, the recompile
+    limit from masking.compile_shapes. Backend: aot_eager behind a recorder (AOTAutograd traces
+    forward and backward like Inductor's path, without code generation, so the test takes seconds;
+    Inductor itself is the slow CPU test in test_train.py). Every graph has int sizes only (no
+    SymInt: nothing is dynamic); there is exactly one graph per shape met (encoder (rows, Lc, mask or
+    not), predictor (rows, Lc, Lt), the target features), no recompiles beyond that, and the count
+    stays within the bound train.py set as the recompile limit."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.backends.debugging import aot_eager
     from torch._dynamo.utils import counters
 
+    for key in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
+        monkeypatch.setattr(dynamo_config, key, getattr(dynamo_config, key))  # put back after the test
     torch._dynamo.reset()
     counters.clear()
-    # an 8 x 8 grid: on 4 x 4 the official-rule I-JEPA sampler has too few block shapes to vary the plans
-    args = config.parse_args(TINY + ["--compile", "--img-size", "32"])
+    graphs = []  # the example inputs of every graph dynamo captured
+
+    def record(gm, example_inputs):
+        graphs.append(example_inputs)
+        return aot_eager(gm, example_inputs)
+
+    # batch 16 in 2 sub-batches of 8 rows; an 8 x 8 grid: on 4 x 4 the official-rule I-JEPA sampler
+    # has too few block shapes to vary the plans
+    args = config.parse_args(TINY + ["--compile", "--img-size", "32", "--batch-size", "16", "--pack-splits", "2"])
     models = tiny_models(img_size=32)
-    compile_eager = functools.partial(torch.compile, backend="eager")  # dynamo's graph capture, no codegen
-    real, torch.compile = torch.compile, compile_eager
-    try:
+    real = torch.compile
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": record}))
         step_models = train.wrap_for_speed(models, args, 1, torch.device("cpu"))
-    finally:
-        torch.compile = real
     g, noop = torch.Generator().manual_seed(0), torch.autocast("cpu", enabled=False)
-    shapes = set()
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    enc_shapes, pred_shapes = set(), set()
     try:
-        for step in range(200):  # lambda from 0 to 1, as the curriculum: I-JEPA, mixed, DSeq plans
-            loss, plan, _ = train.train_step(step_models, torch.randn(4, 3, 32, 32), step / 200, args, g, noop)
+        for step in range(200):
+            loss, plan, _ = train.train_step(step_models, images, step / 200, args, g, noop)
             loss.backward()
-            shapes.add((plan.sample.shape[0], plan.ctx_idx.shape[1], plan.tgt_idx.shape[1], plan.ctx_full))
-        graphs = counters["stats"]["unique_graphs"]
+            for p in masking.split_plan(plan, 2, geometric=True):  # what the step ran (no randomness)
+                enc_shapes.add((len(p.sample), p.ctx_idx.shape[1], p.ctx_full))
+                pred_shapes.add((len(p.sample), p.ctx_idx.shape[1], p.tgt_idx.shape[1]))
+        unique = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
-    assert len(shapes) > 3  # the plans really vary
-    assert graphs <= 12, f"{graphs} graphs for {len(shapes)} plan shapes"
+    sizes = [d for inputs in graphs for x in inputs for d in (x.shape if isinstance(x, torch.Tensor) else [x])]
+    assert sizes and not any(isinstance(d, torch.SymInt) for d in sizes)  # every graph fully static
+    assert len(pred_shapes) > 3 and len({s[0] for s in pred_shapes}) == 1  # plans vary; rows do not
+    assert len(graphs) == unique == len(enc_shapes) + len(pred_shapes) + 1  # one graph per shape, +1 features
+    rows, ctx, tgt = masking.compile_shapes(16, 64, 2, n_targets=4, num_regions=5)
+    assert len(pred_shapes) <= dynamo_config.recompile_limit == len(rows) * len(ctx) * len(tgt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +220,36 @@ def test_a_training_step_syncs_the_host_once_for_the_plan():
             train.ema_update(models[2], models[0], 0.99)  # 7.
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+def test_a_whole_loop_step_syncs_the_host_once(tmp_path, monkeypatch):
+    """train.main on CUDA as a user runs it (data resident on the device, bf16; --compile off: a
+    first compile of a new shape may itself wait for the device), counted between the EMA updates
+    of steps 3 and 5, which are neither log nor checkpoint steps: everything two whole loop steps do
+    (next batch and its crops, schedules, plan, forward, backward, AdamW, EMA, the device-side loss
+    and non-finite flag) syncs the host at most once per step, for the plan."""
+    caught, marks = [], []
+    real_ema = train.ema_update
+
+    def ema_update(*a):
+        real_ema(*a)
+        marks.append(sum("synchroniz" in str(w.message) for w in caught))  # syncs so far, after each step
+
+    monkeypatch.setattr(train, "ema_update", ema_update)
+    argv = TINY[:-4] + ["--device", "cuda", "--num-workers", "0", "--num-train", "160", "--num-val", "32",
+                        "--batch-size", "16", "--epochs", "1", "--knn-every", "0", "--no-picture", "--log-every", "100",
+                        "--ckpt-every", "100", "--stop-at-step", "6", "--compile", "off", "--out-dir", str(tmp_path)]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        caught = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            assert train.main(argv) == 6
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(marks) == 6 and 1 <= marks[4] - marks[2] <= 2, (marks, syncs[-8:])
 
 
 # ---------------------------------------------------------------------------------------------

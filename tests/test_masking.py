@@ -12,8 +12,9 @@ import random
 import pytest
 import torch
 
-from masking import (Plan, blocks_to_regions, dseq_plan, ijepa_plan, make_plan, official_min_context, pad_width,
-                     sample_multiblock, split_plan, pack_settings, AUTO_SPLITS, MIN_CHUNK_ROWS)
+from masking import (Plan, blocks_to_regions, chunk_rows, compile_shapes, dseq_plan, ijepa_plan, make_plan,
+                     official_min_context, pad_width, sample_multiblock, split_plan, pack_settings, AUTO_SPLITS,
+                     MIN_CHUNK_ROWS)
 
 torch.set_num_threads(1)
 
@@ -496,17 +497,16 @@ def test_bad_arguments_name_the_fix():
 
 @pytest.mark.parametrize("mode,lam", [("causal", 0.0), ("causal", 1.0), ("replicate", 1.0), ("causal", 0.5),
                                       ("replicate", 0.5)])
-@pytest.mark.parametrize("geometric", [False, True])
 @pytest.mark.parametrize("max_rows", [None, 0])
-def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric, max_rows):
+def test_split_rows_cover_every_real_token_exactly_once(mode, lam, max_rows):
     """Oracle: the plan's rows read in plain Python (read_rows: real tokens = level > 0). The
     sub-plans together hold exactly those rows, each once with all its tokens, in <= k runs (no row
     limit) or in <= 2k runs of <= max(ceil(rows / k), 8) rows (the default limit), whose widths are
     the pad_width of their own longest row; no more tokens computed than unsplit."""
     B, grid, k = 24, (8, 8), 4
     regions = random_regions(B, 64, seed=3)
-    plan = make_plan(regions, lam, gen(1), grid, mode=mode, num_regions=5, geometric=geometric)
-    parts = split_plan(plan, k, geometric=geometric, max_rows=max_rows)
+    plan = make_plan(regions, lam, gen(1), grid, mode=mode, num_regions=5)
+    parts = split_plan(plan, k, max_rows=max_rows)
     n_rows = int(((plan.ctx_lvl > 0).any(1) | (plan.tgt_lvl > 0).any(1)).sum())  # non-empty rows
     if max_rows == 0:
         assert 1 < len(parts) <= k  # rows of these plans differ in length: a split pays
@@ -521,36 +521,60 @@ def test_split_rows_cover_every_real_token_exactly_once(mode, lam, geometric, ma
     assert got == expected
     for p in parts:
         n_c, n_t = (p.ctx_lvl > 0).sum(1), (p.tgt_lvl > 0).sum(1)  # (r,) real tokens per row
-        assert p.ctx_idx.shape[1] == pad_width(int(n_c.max()), 8, geometric)
-        assert p.tgt_idx.shape[1] == pad_width(int(n_t.max()), 8, geometric)
+        assert p.ctx_idx.shape[1] == pad_width(int(n_c.max()), 8)
+        assert p.tgt_idx.shape[1] == pad_width(int(n_t.max()), 8)
         assert torch.equal(p.dseq, plan.dseq) and torch.equal(p.n_regions, plan.n_regions)
         assert p.ctx_full == bool((n_c == p.ctx_idx.shape[1]).all() and p.ctx_lvl.max() <= 1)
-        if geometric:
-            assert len(p.sample) >= 2  # torch.compile would specialise a one-row batch
     computed = lambda ps: sum(p.ctx_idx.numel() * 2 + p.tgt_idx.numel() for p in ps)
     assert computed(parts) < computed([plan])
 
 
-@pytest.mark.parametrize("geometric", [False, True])
-def test_row_limit_cuts_the_dp_runs_and_never_adds_padding(geometric):
+def test_row_limit_cuts_the_dp_runs_and_never_adds_padding():
     """The row limit only subdivides: every sub-plan with the limit lies inside one run of the
     unlimited split (same rows, consecutive in its sorted order), and each is padded to its own
-    widths, so the computed tokens can only drop. Under compile no sub-plan has one row."""
+    widths, so the computed tokens can only drop."""
     regions = random_regions(40, 64, seed=5)
-    plan = make_plan(regions, 1.0, gen(2), (8, 8), num_regions=5, geometric=geometric)
-    free = split_plan(plan, 4, geometric=geometric, max_rows=0)
+    plan = make_plan(regions, 1.0, gen(2), (8, 8), num_regions=5)
+    free = split_plan(plan, 4, max_rows=0)
     for cap in (None, 3, 7):
-        parts = split_plan(plan, 4, geometric=geometric, max_rows=cap)
+        parts = split_plan(plan, 4, max_rows=cap)
         limit = cap or max(-(-40 // 4), MIN_CHUNK_ROWS)
-        assert all(len(p.sample) <= max(limit, 2 if geometric else 1) for p in parts)
-        if geometric:
-            assert all(len(p.sample) >= 2 for p in parts)
+        assert all(len(p.sample) <= limit for p in parts)
         rows_free = [set(p.sample.tolist()) for p in free]
         for p in parts:  # inside one unlimited run
             assert sum(set(p.sample.tolist()) <= r for r in rows_free) == 1
         computed = lambda ps: sum(q.ctx_idx.numel() * 2 + q.tgt_idx.numel() for q in ps)
         assert computed(parts) <= computed(free)
         assert sorted(s for p in parts for s in p.sample.tolist()) == sorted(s for p in free for s in p.sample.tolist())
+
+
+@pytest.mark.parametrize("mode,lam", [("causal", 0.5), ("replicate", 1.0), ("replicate", 0.5)])
+@pytest.mark.parametrize("max_rows", [None, 0, 5])
+def test_compiled_split_is_equal_sub_batches_of_known_shapes(mode, lam, max_rows):
+    """Under torch.compile (geometric): every sub-plan has chunk_rows(R, k) rows (R = the plan's
+    rows), so a graph is one width bucket, not one per row count. Together the sub-plans hold the
+    plan's non-empty rows exactly once; the filler rows hold no token (so nothing else is attended
+    to or scored: the same loss); widths are the geometric pad_width of each chunk's longest row,
+    and every shape lies in compile_shapes, the set train.py sizes its recompile limit by."""
+    B, grid, k = 24, (8, 8), 4
+    plan = make_plan(random_regions(B, 64, seed=3), lam, gen(1), grid, mode=mode, num_regions=5, geometric=True)
+    parts = split_plan(plan, k, geometric=True, max_rows=max_rows)
+    R, size = len(plan.sample), chunk_rows(len(plan.sample), k, max_rows)
+    assert size == {None: max(-(-R // k), MIN_CHUNK_ROWS), 0: -(-R // k), 5: 5}[max_rows]  # --pack-rows' meaning
+    assert len(parts) > 1 and all(len(p.sample) == size for p in parts)
+    expected = sorted(repr(r) for r in read_rows(plan) if r[1] or r[2])  # the non-empty rows
+    got = [r for p in parts for r in read_rows(p)]
+    assert sorted(repr(r) for r in got if r[1] or r[2]) == expected
+    assert len(got) - len(expected) < size  # filler: less than one chunk, all in the first one
+    assert all(r[1] or r[2] for p in parts[1:] for r in read_rows(p))
+    rows, ctx_widths, tgt_widths = compile_shapes(B, 64, k, num_regions=5, replicate=mode == "replicate",
+                                                  max_rows=max_rows)
+    for p in parts:
+        n_c, n_t = (p.ctx_lvl > 0).sum(1), (p.tgt_lvl > 0).sum(1)  # (r,)
+        assert p.ctx_idx.shape[1] == pad_width(int(n_c.max()), 8, True)
+        assert p.tgt_idx.shape[1] == pad_width(int(n_t.max()), 8, True)
+        assert p.ctx_full == bool((n_c == p.ctx_idx.shape[1]).all() and p.ctx_lvl.max() <= 1)
+        assert len(p.sample) in rows and p.ctx_idx.shape[1] in ctx_widths and p.tgt_idx.shape[1] in tgt_widths
 
 
 def test_rows_of_equal_length_still_run_as_k_sub_batches():

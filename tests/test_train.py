@@ -269,6 +269,17 @@ def test_bad_flags_fail_at_parse_time(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_compile_is_on_for_cuda_by_default_and_a_bool_after_parsing():
+    """--compile auto (the default) means on for CUDA, off on the CPU, resolved at parse time into the
+    bool that train.py and bench.py read (no GPU needed: only the flags are parsed). The old spellings
+    --compile / --no-compile still work."""
+    parse = lambda *flags: config.parse_args(list(flags)).compile  # noqa: E731
+    assert parse("--device", "cpu") is False and parse("--device", "cuda") is True and parse("--device", "cuda:1")
+    assert parse() is torch.cuda.is_available()  # --device auto
+    assert parse("--device", "cpu", "--compile") is True and parse("--device", "cpu", "--compile", "on") is True
+    assert parse("--device", "cuda", "--compile", "off") is False and parse("--device", "cuda", "--no-compile") is False
+
+
 def test_presets_set_defaults_and_flags_override():
     args = config.parse_args(["--preset", "in1k-vit-base", "--data-path", "x", "--epochs", "3"])
     assert (args.model, args.batch_size, args.img_size, args.epochs) == ("base", 2048, 224, 3)
@@ -367,14 +378,74 @@ def test_ablation_flags_reach_the_plan(flags):
 
 @pytest.mark.slow
 def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
-    """--compile also runs on the CPU: the step works through the compiled
-    encoder / predictor / target features, and checkpoints hold the raw modules' keys."""
-    out, step, rows = run(tmp_path, "--compile", "--stop-at-step", "2")
-    assert step == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    """--compile also runs on the CPU (Inductor, static shapes): the step works through the compiled
+    encoder / predictor / target features, and checkpoints hold the raw modules' keys. One step of
+    one padded batch (--pack-splits 1): every new shape is a C++ build of its forward and backward
+    here (the sub-batches' graphs are counted in test_gpu_ready.py, without code generation)."""
+    out, step, rows = run(tmp_path, "--compile", "--stop-at-step", "1", "--pack-splits", "1")
+    assert step == 1 and math.isfinite(rows[0]["loss"])
+    assert rows[0]["graphs_compiled"] == 3  # target features, encoder, predictor
     ckpt = weights(out)
     args = config.parse_args(TINY)
     enc, pred, _ = train.build_models(args)
     assert set(ckpt["encoder"]) == set(enc.state_dict()) and set(ckpt["predictor"]) == set(pred.state_dict())
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_compiler_error_falls_back_to_eager_with_the_same_losses(tmp_path, monkeypatch, capsys, where):
+    """torch.compile compiles lazily, so its errors arise inside a step: at a graph's first forward,
+    or at its first backward (where Inductor crashed on the H200), after the predictor's backward
+    has already put its gradients in place. Simulated by a backend that raises there: the run prints
+    one warning line naming the torch version, reruns the step eager and trains on, with the losses
+    and weights of the same run never compiled (torch.compile = identity: the compiled run's plan
+    shapes, eager modules), and the losses of a --compile off run up to summation order."""
+    import torch._dynamo.config as dynamo_config
+
+    for key in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
+        monkeypatch.setattr(dynamo_config, key, getattr(dynamo_config, key))  # put back after the test
+    real, raised = torch.compile, []
+
+    class Boom(torch.autograd.Function):  # identity on a graph input; its gradient raises in the encoder's graph
+        @staticmethod
+        def forward(ctx, x, encoder):
+            ctx.encoder = encoder
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.encoder:
+                raised.append(1)
+                raise RuntimeError("simulated Inductor crash in a backward")
+            return grad, None
+
+    def failing(gm, example_inputs):
+        if where == "forward":
+            raise RuntimeError("simulated Inductor crash")
+        encoder = any(isinstance(x, torch.Tensor) and x.dim() == 4 for x in example_inputs)  # images, patch conv
+        return lambda *a: gm(*(Boom.apply(x, encoder) if isinstance(x, torch.Tensor) and x.requires_grad else x
+                               for x in a))
+
+    # one sub-batch: the predictor's backward ends (its gradients land) before the encoder's starts
+    steps = ["--stop-at-step", "3", "--pack-splits", "1"]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    same, _, rows_same = run(tmp_path, "--compile", *steps, name="same")
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": failing}))
+    capsys.readouterr()
+    try:
+        fell, step, rows = run(tmp_path, "--compile", *steps, name="fell")
+    finally:
+        torch._dynamo.reset()
+    warning = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: torch.compile")]
+    assert step == 3 and len(warning) == 1 and f"at step 0 with torch {torch.__version__}" in warning[0]
+    assert "simulated Inductor crash" in warning[0] and "training goes on in eager mode" in warning[0]
+    assert where == "forward" or raised == [1]  # the backward really failed, once
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows_same]
+    assert "graphs_compiled" not in rows[-1]  # eager from step 0 on
+    assert_same_weights(same, fell)
+    monkeypatch.setattr(torch, "compile", real)
+    _, _, rows_off = run(tmp_path, "--compile", "off", *steps, name="off")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in rows_off], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

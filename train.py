@@ -421,7 +421,8 @@ def main(argv=None):
         end_of_run(target_encoder, args, device, step, epoch, log, master)
     if log:
         log.close()
-    if world > 1:
+    if world > 1:  # all ranks reach here before any tears gloo down: rank 0's end-of-run kNN runs
+        dist.barrier()  # alone, and a peer that exits mid-teardown can abort the others' gloo threads
         dist.destroy_process_group()
     return step
 

@@ -317,6 +317,8 @@ DDP_SCRIPT = textwrap.dedent("""
         train.jepa_loss(e, p, images[sl], targets[sl], rows(plan, sl)).backward()
         if r == 0:
             torch.save([q.grad for q in list(enc.parameters()) + list(pred.parameters())], sys.argv[1])
+        del e, p  # the DDP reducers go before their process group, and no rank tears gloo down
+        dist.barrier()  # while its peer still works (a CI run aborted once in that teardown)
         dist.destroy_process_group()
     else:
         train.jepa_loss(enc, pred, images, targets, rows(plan, slice(0, 8))).backward()

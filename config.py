@@ -4,12 +4,14 @@ The one shared configuration of train.py and evaluate.py, and the machinery arou
     parser      get_args_parser / parse_args / check_args: every flag, the presets, every check at
                 parse time (bad values fail here, before anything is read, built or written)
     resume      check_resume_config: which flags a resumed run may change
-    checkpoints save_checkpoint / load_checkpoint / restore: atomic files, per-rank random streams
-    run         pick_device, make_autocast, fit_threads, setup_distributed (torchrun by environment
-                variables), Preemption + agree_to_stop (all ranks stop at the same step)
+    checkpoints save_checkpoint / load_checkpoint / restore: atomic files (plumbing.write_atomic), numbered
+                copies (--keep-every), per-rank random streams
+    run         pick_device, make_autocast, fit_threads, Preemption + agree_to_stop (all ranks stop at the
+                same step); processes (torchrun, srun), the folder's lock and failed writes are plumbing.py's
 
 train.py reads these; evaluate.py reads the parser, checkpoints and devices. This file imports only
-the bottom layer (data.py for the datasets, model.py for the model sizes), never train or evaluate.
+the bottom layer (data.py for the datasets, model.py for the model sizes) and plumbing.py, never train
+or evaluate.
 """
 
 import argparse
@@ -23,10 +25,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import data
 import model as vit
+import plumbing
+from plumbing import dist_info, fail  # config.fail: the one-line error of every script
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: one parser for train.py and evaluate.py. Presets set many defaults at once; any
@@ -63,7 +66,7 @@ PRESETS = {
 # meaning (accum_steps keeps the same batch; data_path may move; num_val only sizes the kNN monitor).
 RESUME_FREE = ("preset", "device", "amp", "compile", "pack_splits", "pack_rows", "num_workers", "device_data", "accum_steps", "data_path",
                "num_val", "out_dir", "resume", "no_auto_resume", "resume_override", "ckpt_every", "log_every",
-               "knn_every", "stop_at_step", "picture")
+               "knn_every", "stop_at_step", "picture", "keep_every", "keep_last")
 # Changeable with --resume-override FLAG: legitimate continuations (train longer, a new lr tail, clipping
 # after a spike) whose schedules then continue from the resumed step with the new values.
 RESUME_OVERRIDABLE = ("epochs", "lr", "start_lr", "final_lr", "warmup_epochs", "weight_decay",
@@ -87,15 +90,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(message, self.prog)
-
-
-def fail(message, prog=None):
-    """One-line error for a mistake the user can fix: `PROG: error: MESSAGE`, exit code 2."""
-    prog = prog or os.path.basename(sys.argv[0])
-    tqdm.write(f"{prog}: error: {message}", file=sys.stderr)  # on its own line below a progress bar
-    stop = SystemExit(message)  # str() is the message (for callers and tests) ...
-    stop.code = 2  # ... while the process exits with argparse's code for usage errors, printing nothing more
-    raise stop
 
 
 def data_error_line(e):
@@ -182,6 +176,9 @@ def get_args_parser():
                         f"(allowed: {', '.join(RESUME_OVERRIDABLE)}; the schedules then follow the new values "
                         "from the resumed step on)")
     g.add_argument("--ckpt-every", type=int, default=1000, help="write a checkpoint every this many steps (and at the end)")
+    g.add_argument("--keep-every", type=int, default=0, help="also keep the checkpoint of every this many epochs "
+                   "as checkpoint-epNNNN.pt beside checkpoint.pt (0 = off; official I-JEPA: every 50 epochs)")
+    g.add_argument("--keep-last", type=int, default=0, help="--keep-every: keep only the last K numbered checkpoints (0 = all)")
     g.add_argument("--log-every", type=int, default=10, help="append to metrics.jsonl every this many steps")
     g.add_argument("--knn-every", type=int, default=10, help="kNN monitor on the held-out split every this many epochs (0 = only at the end)")
     g.add_argument("--stop-at-step", type=int, default=0, help="stop with a checkpoint at this global step without changing the schedules (0 = run to the end)")
@@ -277,6 +274,8 @@ def check_args(args, parser):
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1 (steps)")
     if args.knn_every < 0 or args.stop_at_step < 0:
         parser.error("--knn-every and --stop-at-step must be >= 0 (0 = only at the end / run to the end)")
+    if args.keep_every < 0 or args.keep_last < 0:
+        parser.error("--keep-every and --keep-last must be >= 0 (0 = no numbered checkpoints / keep them all)")
     bad = [f for f in args.resume_override if f.replace("-", "_").lstrip("_") not in RESUME_OVERRIDABLE]
     if bad:
         parser.error(f"--resume-override {' '.join(bad)}: only {', '.join(RESUME_OVERRIDABLE)} may change "
@@ -324,8 +323,9 @@ def rng_state(generator):
             "plan": generator.get_state()}
 
 
-def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
-    """Every process calls this (each rank's random streams are gathered); rank 0 writes the file.
+def save_checkpoint(path, models, optimizer, scaler, step, args, generator, keep=0):
+    """Every process calls this (each rank's random streams are gathered); rank 0 writes the file, and
+    with keep > 0 keeps it as checkpoint-ep{keep}.pt too. A failed write stops every rank (one line).
     "rng" is a list indexed by rank: every rank draws its own plans and resumes its own stream.
     Only finite weights below MAX_ABS_WEIGHT (after a finite loss, agreed by the loop) become "the last
     good checkpoint"; DDP keeps the weights identical on every rank, so every rank stops here alike."""
@@ -341,7 +341,7 @@ def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
         rngs = [None] * world if rank == 0 else None
         dist.gather_object(rng_state(generator), rngs, dst=0)
     if rank != 0:
-        return
+        return plumbing.check_writes()  # rank 0's write failed: stop with it, not in the next all-reduce
     encoder, predictor, target_encoder = models
     state = {
         "encoder": encoder.state_dict(), "predictor": predictor.state_dict(),
@@ -349,9 +349,10 @@ def save_checkpoint(path, models, optimizer, scaler, step, args, generator):
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step, "config": vars(args), "rng": rngs,
     }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    # atomic: a crash or a full disk mid-write leaves the previous checkpoint intact
+    if plumbing.write_atomic(path, lambda f: torch.save(state, f), size=plumbing.nbytes(state)) and keep:
+        plumbing.keep_checkpoint(path, keep, args.keep_last)
+    plumbing.check_writes()
 
 
 def load_checkpoint(path, fix="pass --resume with another file, or --no-auto-resume to start fresh"):
@@ -417,31 +418,13 @@ def restore_rng(rngs, generator, step, seed):
 # The run: device, precision, threads, processes, preemption
 
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is a world of one."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend)
-    return rank, world, local
-
-
-def dist_info():
-    """(rank, world size) of this process; (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def pick_device(args, local_rank):
-    if args.device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(args.device)
+    """--device. auto and a bare "cuda" mean this process's GPU, chosen by LOCAL_RANK (plumbing.cuda_index)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA device is visible; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", plumbing.cuda_index(local_rank))
     return device
 
 
@@ -486,15 +469,18 @@ class Preemption:
 
 
 def agree_to_stop(stop, diverged, device):
-    """Combine every rank's "a stop signal arrived" and "my loss is not finite" with one small all-reduce
-    (MAX), so that all ranks stop at the same step. A rank that left on its own would leave the others
-    waiting forever in the next gradient all-reduce, and no checkpoint would be written. Returns (stop,
-    diverged) as seen by all ranks; one process: no communication. Called at steps all ranks know (train.py)."""
+    """Combine every rank's "a stop signal arrived" and "my loss is not finite" (and rank 0's "a write failed",
+    plumbing.report) with one small all-reduce (MAX), so that all ranks stop at the same step. A rank that
+    left on its own would leave the others waiting forever in the next gradient all-reduce, and no checkpoint
+    would be written. Returns (stop, diverged) as seen by all ranks; one process: no communication. Called at
+    steps all ranks know (train.py)."""
     _, world = dist_info()
     if world == 1:
         return stop, diverged
-    flags = torch.tensor([float(stop), float(diverged)],  # (2,), NCCL reduces CUDA tensors, gloo CPU ones
-                         device=device if dist.get_backend() == "nccl" else "cpu")
+    flags = torch.tensor([float(stop), float(diverged), float(plumbing.write_pending())],  # (3,), NCCL reduces
+                         device=device if dist.get_backend() == "nccl" else "cpu")  # CUDA tensors, gloo CPU ones
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    stop, diverged = flags.tolist()
+    stop, diverged, failed = flags.tolist()
+    if failed:
+        plumbing.check_writes()  # every rank stops with rank 0's line
     return stop > 0, diverged > 0

@@ -14,8 +14,8 @@ The step (train_step below) reads top to bottom as the paper:
   6. backward + AdamW step (train loop)
   7. EMA update of the target encoder
 Schedules (lr, wd, EMA momentum, lambda) are pure functions of the global step, so resuming needs
-only the step. Only rank 0 logs and writes. The flags, checkpoints, devices and processes are
-config.py's (shared with evaluate.py): this file is the method and the loop.
+only the step. Only rank 0 logs and writes. The flags, checkpoints and devices are config.py's (shared
+with evaluate.py), the processes and the output folder plumbing.py's: this file is the method and the loop.
 """
 
 import copy
@@ -40,6 +40,7 @@ import evaluate
 import masking
 import model as vit
 import pictures
+import plumbing
 import saliency
 
 # ----------------------------------------------------------------------------------------------
@@ -271,9 +272,19 @@ def optimizer_step(step_models, micro_batches, lam, optimizer, scaler, args, gen
 
 
 def main(argv=None):
-    # --- config: flags (checked at parse time), processes (torchrun), device, precision, resume
+    """Flags (checked at parse time), processes (torchrun / srun), then the run, holding OUT_DIR: a
+    second run into the same folder stops here with one line, before anything is read or written."""
     args = config.parse_args(argv)
-    rank, world, local_rank = config.setup_distributed()
+    rank, world, local_rank = plumbing.setup_distributed()
+    with plumbing.out_dir_lock(args.out_dir):
+        try:
+            return run(args, rank, world, local_rank)
+        except KeyboardInterrupt:  # Ctrl-C stops at once; SIGTERM is the signal that checkpoints first
+            plumbing.interrupted(os.path.join(args.out_dir, "checkpoint.pt"))
+
+
+def run(args, rank, world, local_rank):
+    # --- config: device, precision, resume
     master = rank == 0
     device = config.pick_device(args, local_rank)
     config.fit_threads(args, device)
@@ -314,7 +325,6 @@ def main(argv=None):
     torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)  # drives masking.py only
 
-    os.makedirs(args.out_dir, exist_ok=True)
     step = 0
     if resume:  # weights, optimizer, scaler and every rank's random streams (read and checked above)
         step = config.restore(ckpt, resume, models, optimizer, scaler, generator)
@@ -325,14 +335,15 @@ def main(argv=None):
         print(f"processes {world} x micro-batch {per_step} x accum {args.accum_steps} = batch {args.batch_size}; "
               f"{steps_per_epoch} steps/epoch, {total} steps; peak lr {args.lr:g}; device {device}; "
               f"encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params")
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        text = json.dumps(vars(args), indent=1)
+        plumbing.write_atomic(os.path.join(args.out_dir, "config.json"), lambda f: f.write(text), False, len(text))
+    plumbing.check_writes()  # rank 0 could not write config.json: every rank stops now
 
     step_models, compiled = wrap_for_speed(models, args, world, device), args.compile
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"] if compiled else 0  # process-wide count
 
     preempt = config.Preemption()
-    log = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+    log = plumbing.RunLog(os.path.join(args.out_dir, "metrics.jsonl"), master)
     stop_at = min(total, args.stop_at_step or total)
     bar = tqdm(total=stop_at, initial=step, disable=not master, dynamic_ncols=True)
     epoch, skip = divmod(step, steps_per_epoch)
@@ -376,7 +387,8 @@ def main(argv=None):
             now_bad = ~loss_sum.isfinite() & (first_bad[0] < 0)  # on the device
             first_bad = torch.where(now_bad, torch.stack([torch.full_like(loss_sum, step), loss_sum]), first_bad)
             step += 1
-            check = (device.type != "cuda" or step % args.log_every == 0 or step % args.ckpt_every == 0
+            keep = step // steps_per_epoch if args.keep_every and step % (args.keep_every * steps_per_epoch) == 0 else 0
+            check = (device.type != "cuda" or step % args.log_every == 0 or step % args.ckpt_every == 0 or keep
                      or step >= stop_at or (world == 1 and preempt.requested))
             if check:  # --- every rank agrees to go on, stop (signal), or give up (non-finite loss anywhere; a
                 # NaN on one rank reached every rank's weights through the gradient all-reduce anyway)
@@ -401,10 +413,9 @@ def main(argv=None):
                     row.update({k: float(v) for k, v in stats.items()})
                     if compiled:  # graphs this run compiled so far (new shapes compile lazily, when first met)
                         row["graphs_compiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-            if step % args.ckpt_every == 0 or step == stop_at or stop:  # every rank: gathers the RNG states
-                config.save_checkpoint(ckpt_path, models, optimizer, scaler, step, args, generator)
+                    log.write(row)
+            if step % args.ckpt_every == 0 or keep or step == stop_at or stop:  # every rank: gathers the RNG states
+                config.save_checkpoint(ckpt_path, models, optimizer, scaler, step, args, generator, keep)
             if step >= stop_at or stop:
                 break
         if step % steps_per_epoch == 0:
@@ -419,8 +430,8 @@ def main(argv=None):
             print(f"preempted: checkpoint at step {step} in {ckpt_path}; rerun the same command to resume")
     elif step >= total:
         end_of_run(target_encoder, args, device, step, epoch, log, master)
-    if log:
-        log.close()
+    log.close()
+    plumbing.check_writes()  # a failed write of the last steps (the log, a picture) stops every rank alike
     if world > 1:  # all ranks reach here before any tears gloo down: rank 0's end-of-run kNN runs
         dist.barrier()  # alone, and a peer that exits mid-teardown can abort the others' gloo threads
         dist.destroy_process_group()
@@ -444,8 +455,7 @@ def knn_monitor(target_encoder, args, device, step, epoch, log, master):
     result = evaluate.knn_monitor(target_encoder, args, device)  # every rank takes part under DDP
     if master:
         print(f"epoch {epoch} step {step}: kNN top-1 {result['top1']:.2f}% (k={result['k']}, {result['split']})")
-        log.write(json.dumps({"step": step, "epoch": epoch, **{f"knn_{k}": v for k, v in result.items()}}) + "\n")
-        log.flush()
+        log.write({"step": step, "epoch": epoch, **{f"knn_{k}": v for k, v in result.items()}})
 
 
 def end_of_run(target_encoder, args, device, step, epoch, log, master):
@@ -456,24 +466,24 @@ def end_of_run(target_encoder, args, device, step, epoch, log, master):
     if args.picture:  # every rank takes part in the pixels' kNN under DDP
         pixels = evaluate.knn_monitor(None, args, device)["top1"]
     if master and args.picture:
-        log.flush()
-        with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        levels = [("raw pixels", pictures.COLOURS["pixels"], pixels)]
-        start = [r["knn_top1"] for r in rows if r.get("step") == 0 and "knn_top1" in r]
-        if start:
-            levels.insert(0, ("random init (step 0)", pictures.COLOURS["random"], start[-1]))
-        method = "ijepa" if args.method == "ijepa" else "dseq"
-        path = pictures.chart(pictures.learning_panels(rows, levels, args.method, pictures.COLOURS[method]),
-                              os.path.join(args.out_dir, "learning.png"))
-        log.write(json.dumps({"step": step, "pixels_knn": pixels}) + "\n")
-        print(f"wrote {path}: kNN {rows[-1].get('knn_top1', float('nan')):.2f} at step {step}, "
-              + ", ".join(f"{label} {v:.2f}" for label, _, v in levels))
-        path = os.path.join(args.out_dir, "plans.png")
-        pic = evaluate.plan_picture(target_encoder, args, path, device=device)
-        overlap = {k: v for k, v in pic.items() if k.startswith(("top_region", "object_area", "ranked"))}
-        print(f"wrote {path}; " + ", ".join(f"{k} {v}" for k, v in overlap.items() if v is not None))
-        log.write(json.dumps({"step": step, **overlap}) + "\n")
+        with plumbing.writing(args.out_dir):  # a picture that cannot be written: one line naming it
+            with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+            levels = [("raw pixels", pictures.COLOURS["pixels"], pixels)]
+            start = [r["knn_top1"] for r in rows if r.get("step") == 0 and "knn_top1" in r]
+            if start:
+                levels.insert(0, ("random init (step 0)", pictures.COLOURS["random"], start[-1]))
+            method = "ijepa" if args.method == "ijepa" else "dseq"
+            path = pictures.chart(pictures.learning_panels(rows, levels, args.method, pictures.COLOURS[method]),
+                                  os.path.join(args.out_dir, "learning.png"))
+            log.write({"step": step, "pixels_knn": pixels})
+            print(f"wrote {path}: kNN {rows[-1].get('knn_top1', float('nan')):.2f} at step {step}, "
+                  + ", ".join(f"{label} {v:.2f}" for label, _, v in levels))
+            path = os.path.join(args.out_dir, "plans.png")
+            pic = evaluate.plan_picture(target_encoder, args, path, device=device)
+            overlap = {k: v for k, v in pic.items() if k.startswith(("top_region", "object_area", "ranked"))}
+            print(f"wrote {path}; " + ", ".join(f"{k} {v}" for k, v in overlap.items() if v is not None))
+            log.write({"step": step, **overlap})
 
 
 if __name__ == "__main__":

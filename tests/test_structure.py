@@ -2,7 +2,10 @@
 one sitting. The layers, bottom first (README, "Files"):
 
     model, saliency, masking, data     the method and its data: import no file of a higher layer
-    config                             the shared parser, checkpoints, devices: imports the bottom layer only
+    plumbing                           processes (torchrun, srun), the output folder's lock, writes that
+                                       fail in one line: imports the bottom layer only (in fact none of it)
+    config                             the shared parser, checkpoints, devices: imports the bottom layer
+                                       and plumbing only
     evaluate                           imports config, never train
     train                              imports config and evaluate
     seeds, bench                       may import anything
@@ -89,7 +92,8 @@ def test_arrows_point_down():
     for m in BOTTOM:
         assert graph[m] <= set(BOTTOM), f"{m}.py imports {sorted(graph[m] - set(BOTTOM))}: the bottom layer " \
                                         "(model, saliency, masking, data) imports none of the files above it"
-    assert not graph.get("config", set()) - set(BOTTOM), "config.py imports only the bottom layer"
+    assert not graph.get("plumbing", set()) - set(BOTTOM), "plumbing.py imports only the bottom layer"
+    assert not graph.get("config", set()) - set(BOTTOM) - {"plumbing"}, "config.py imports only the bottom layer and plumbing"
     assert "train" not in graph.get("evaluate", ()), "evaluate.py imports config, never train (train imports evaluate)"
 
 

@@ -69,7 +69,8 @@ def get_args_parser():
     p = config.get_args_parser()
     p.description = "Evaluate a DSeq-JEPA / I-JEPA checkpoint, or a random-init / raw-pixel baseline"
     g = p.add_argument_group("evaluation")
-    g.add_argument("--checkpoint", default=None, help="train.py checkpoint; its target encoder is evaluated")
+    g.add_argument("--checkpoint", default=None, help="train.py checkpoint (checkpoint.pt or a kept "
+                   "checkpoint-epNNNN.pt); its target encoder is evaluated")
     g.add_argument("--init", choices=["checkpoint", "random"], default="checkpoint",
                    help="random: a randomly initialised encoder of the configured size (baseline)")
     g.add_argument("--pixels", action="store_true",
@@ -151,7 +152,8 @@ def resolve_config(argv=None):
     if args.init == "random" or args.pixels:
         parser.error("--checkpoint cannot be combined with --init random or --pixels (baselines need no weights)")
     # one-line error if missing, corrupt or not a training checkpoint; the fix names OUR flag
-    ckpt = config.load_checkpoint(args.checkpoint, fix="check --checkpoint: it must name a checkpoint.pt written by train.py")
+    ckpt = config.load_checkpoint(args.checkpoint, fix="check --checkpoint: it must name a checkpoint written by train.py "
+                                 "(checkpoint.pt, or a checkpoint-epNNNN.pt kept by --keep-every)")
     saved = ckpt["config"]
     for key in MODEL_KEYS:
         if key in given and getattr(args, key) != saved.get(key):

@@ -12,6 +12,8 @@ and an evaluate.py argv. For every configuration and seed S:
     python train.py TRAIN_ARGV --seed S --out-dir RUNS/NAME/seedS          (skipped when complete)
     python evaluate.py [--checkpoint RUNS/NAME/seedS/checkpoint.pt] EVAL_ARGV --seed S
                        --out-dir RUNS/NAME/seedS --eval-name seeds       (skipped when written)
+(--checkpoint checkpoint-ep0004.pt evaluates that checkpoint of each run, one train.py --keep-every kept,
+as eval_seeds-ep0004.json.)
 A pretraining is complete when its out dir holds checkpoint.pt and metrics.jsonl has the end-of-run
 kNN line (epoch = the configured epochs). An interrupted pretraining resumes from its checkpoint
 (train.py's auto-resume), so rerunning the same command finishes and reuses what is there. A finished
@@ -84,6 +86,13 @@ COLUMNS = [("kNN top-1", "knn", "last", "val_top1"),
            ("top-region overlap", "picture", "saliency", "top_region_object_overlap"),
            ("ranked regions", "regions", "saliency", "ranked_regions_per_image")]
 EVAL_NAME = "seeds"
+LAST = "checkpoint.pt"  # the checkpoint of a finished run; --checkpoint names a kept one instead
+
+
+def eval_name(checkpoint):
+    """The evaluation's name for a run's checkpoint file: "seeds" for checkpoint.pt, "seeds-ep0004" for
+    checkpoint-ep0004.pt, so that the tables of two checkpoints of the same runs never mix."""
+    return EVAL_NAME if checkpoint == LAST else f"{EVAL_NAME}-{checkpoint.removeprefix('checkpoint-').removesuffix('.pt')}"
 
 
 def get_args_parser():
@@ -100,6 +109,9 @@ def get_args_parser():
     p.add_argument("--runs-dir", nargs="+", default=["runs"], help="pretraining / evaluation outputs: RUNS/NAME/seedS/; "
                    "with several folders a run is looked up in each (an evaluated one first), new work goes to the first")
     p.add_argument("--results-dir", default="results", help="RESULTS/TABLE.json and RESULTS/TABLE.md go here")
+    p.add_argument("--checkpoint", default=LAST, help="evaluate this file of every run folder: checkpoint.pt (the "
+                   "finished run) or a numbered one that train.py --keep-every kept, e.g. checkpoint-ep0004.pt "
+                   "(its evaluations are eval_seeds-ep0004.json; name the table apart with --table)")
     p.add_argument("--aggregate", action="store_true",
                    help="run nothing: only tabulate the results already in --runs-dir (e.g. runs made on another "
                         "machine). A pretraining without its evaluation JSON still gives the kNN column from its "
@@ -151,22 +163,22 @@ def check_pretraining(out, train_argv):
                  + ": a finished run of other flags is never reused; move it away or use another --runs-dir")
 
 
-def find_run(name, seed, runs_dirs, trained, knn_only=False):
+def find_run(name, seed, runs_dirs, trained, knn_only=False, report=EVAL_NAME):
     """Out dir of one configuration at one seed among runs_dirs: the first that holds its evaluation
-    JSON, else the first with a complete pretraining (trained configurations), else (knn_only, for
-    --aggregate) the first with an end-of-run kNN line, else the first folder."""
+    JSON (eval_REPORT.json), else the first with a complete pretraining (trained configurations), else
+    (knn_only, for --aggregate) the first with an end-of-run kNN line, else the first folder."""
     outs = [os.path.join(d, name, f"seed{seed}") for d in runs_dirs]
-    tests = [lambda o: os.path.isfile(os.path.join(o, f"eval_{EVAL_NAME}.json"))]
+    tests = [lambda o: os.path.isfile(os.path.join(o, f"eval_{report}.json"))]
     tests += [pretraining_complete] if trained else []
     tests += [lambda o: end_of_run_knn(o) is not None] if trained and knn_only else []
     return next((o for test in tests for o in outs if test(o)), outs[0])
 
 
-def run_seed(name, cfg, seed, runs_dirs):
-    """Pretrain (unless complete) and evaluate (unless written) one configuration at one seed.
-    -> path of its evaluation JSON."""
-    out = find_run(name, seed, runs_dirs, cfg["train"] is not None)
-    report = os.path.join(out, f"eval_{EVAL_NAME}.json")
+def run_seed(name, cfg, seed, runs_dirs, checkpoint=LAST):
+    """Pretrain (unless complete) and evaluate (unless written) one configuration at one seed, at its
+    checkpoint file `checkpoint`. -> path of its evaluation JSON."""
+    out = find_run(name, seed, runs_dirs, cfg["train"] is not None, report=eval_name(checkpoint))
+    report = os.path.join(out, f"eval_{eval_name(checkpoint)}.json")
     eval_argv = list(cfg["eval"])
     if cfg["train"] is not None:
         if pretraining_complete(out):
@@ -179,11 +191,11 @@ def run_seed(name, cfg, seed, runs_dirs):
             if not pretraining_complete(out):  # train.py returns normally when a signal stops it
                 sys.exit(f"error: pretraining {out} stopped before its last epoch (preempted?); nothing was "
                          f"evaluated. Rerun the same command to resume it")
-        eval_argv = ["--checkpoint", os.path.join(out, "checkpoint.pt")] + eval_argv
+        eval_argv = ["--checkpoint", os.path.join(out, checkpoint)] + eval_argv
     if os.path.isfile(report):
         print(f"[{name} seed {seed}] evaluation {report} exists: skipped")
         return report
-    argv = eval_argv + ["--seed", str(seed), "--out-dir", out, "--eval-name", EVAL_NAME]
+    argv = eval_argv + ["--seed", str(seed), "--out-dir", out, "--eval-name", eval_name(checkpoint)]
     print(f"[{name} seed {seed}] python evaluate.py {' '.join(argv)}")
     evaluate.main(argv)
     return report
@@ -279,18 +291,20 @@ def main(argv=None):
     for name, cfg in configs.items():
         if not args.aggregate and (args.only is None or name in args.only):
             for seed in args.seeds:
-                run_seed(name, cfg, seed, args.runs_dir)
+                run_seed(name, cfg, seed, args.runs_dir, args.checkpoint)
     rows = {}
     for name, cfg in configs.items():
         trained = cfg["train"] is not None
-        outs = {s: find_run(name, s, args.runs_dir, trained, knn_only=args.aggregate) for s in args.seeds}
-        reports = {s: os.path.join(out, f"eval_{EVAL_NAME}.json") for s, out in outs.items()}
+        # the end-of-run kNN line is checkpoint.pt's: no stand-in for another checkpoint's evaluation
+        knn_only = args.aggregate and args.checkpoint == LAST
+        outs = {s: find_run(name, s, args.runs_dir, trained, knn_only, eval_name(args.checkpoint)) for s in args.seeds}
+        reports = {s: os.path.join(out, f"eval_{eval_name(args.checkpoint)}.json") for s, out in outs.items()}
         for s, out in outs.items():  # every run tabulated was trained with the table's flags
             if trained and os.path.isfile(os.path.join(out, "config.json")):
                 check_pretraining(out, cfg["train"] + ["--seed", str(s)])
         per_seed = {s: read_values(p) for s, p in reports.items() if os.path.isfile(p)}
         for s, out in outs.items():  # --aggregate: the kNN of a pretraining whose evaluation is missing
-            knn = end_of_run_knn(out) if args.aggregate and trained and s not in per_seed else None
+            knn = end_of_run_knn(out) if knn_only and trained and s not in per_seed else None
             if knn is not None:
                 per_seed[s] = {COLUMNS[0][0]: knn}
         if per_seed:

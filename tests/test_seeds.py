@@ -202,3 +202,31 @@ def test_several_runs_dirs_evaluated_run_first_new_work_in_the_first(tmp_path, m
     assert trained == [A / "m" / "seed2"]
     assert rows["m"]["per_seed"] == {0: {"kNN top-1": 22.0}, 1: {"kNN top-1": 33.0}, 2: {"kNN top-1": 44.0}}
     assert rows["m"]["reports"][0] == str(B / "m" / "seed0" / "eval_seeds.json")
+
+
+def test_checkpoint_evaluates_a_kept_checkpoint_under_its_own_name(tmp_path, monkeypatch):
+    """--checkpoint checkpoint-ep0001.pt: every run's numbered checkpoint (train.py --keep-every) is
+    evaluated as eval_seeds-ep0001.json, beside and never mixed with the finished run's eval_seeds.json;
+    --aggregate does not stand the end-of-run kNN line (checkpoint.pt's) in for it."""
+    cfg = tmp_path / "t.json"
+    cfg.write_text(json.dumps({"m": {"train": TRAIN, "eval": EVAL}}))
+    runs = tmp_path / "runs"
+    _fake_run(runs / "m" / "seed0", TRAIN + ["--seed", "0"], evaluated=60.0)  # checkpoint.pt's evaluation
+    calls = []
+
+    def fake_evaluate(argv):
+        calls.append(argv)
+        out = tmp_path / argv[argv.index("--out-dir") + 1]
+        (out / f"eval_{argv[argv.index('--eval-name') + 1]}.json").write_text(json.dumps({"results": [
+            {"eval": "knn", "features": "last", "metric": "val_top1", "value": 41.0, "k": 20}]}))
+    monkeypatch.setattr(train, "main", lambda a: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(evaluate, "main", fake_evaluate)
+    argv = ["--config", str(cfg), "--table", "t", "--seeds", "0", "--runs-dir", str(runs),
+            "--results-dir", str(tmp_path / "res")]
+    with pytest.raises(SystemExit, match="no evaluation results"):
+        seeds.main(argv + ["--aggregate", "--checkpoint", "checkpoint-ep0001.pt"])
+    rows = seeds.main(argv + ["--checkpoint", "checkpoint-ep0001.pt"])
+    assert len(calls) == 1 and calls[0][:2] == ["--checkpoint", str(runs / "m" / "seed0" / "checkpoint-ep0001.pt")]
+    assert calls[0][calls[0].index("--eval-name") + 1] == "seeds-ep0001"
+    assert rows["m"]["per_seed"] == {0: {"kNN top-1": 41.0}}
+    assert seeds.main(argv)["m"]["per_seed"] == {0: {"kNN top-1": 60.0}} and len(calls) == 1  # the last one: as before

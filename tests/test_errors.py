@@ -4,6 +4,8 @@ stderr with exit code 2 (no traceback), and no file of an earlier run changes.
 Most cases fail at parse time and are checked in-process (fast); a handful run the scripts as a
 user would, to show the exit code and the absence of a traceback end to end."""
 
+import builtins
+import errno
 import json
 import os
 import re
@@ -165,6 +167,74 @@ def test_diverged_weights_are_never_checkpointed(run_dir, tmp_path, capsys):
     assert "step 3:" in line and "no checkpoint is written" in line and "(bound 10000)" in line, line
     assert files(out)["checkpoint.pt"] == before["checkpoint.pt"]
 
+
+# ---------------------------------------------------------------------------------------------
+# A write that fails (disk full, read-only, no permission, quota) while saving a checkpoint, the
+# config or the log: one line naming the path, the cause and the size; the earlier files intact and
+# no partial file left. (main: a 20-line traceback from torch's serializer, "unexpected pos", with no
+# word of the disk. The same under torchrun, every rank exiting: tests/test_train.py.)
+
+
+class FillingDisk:
+    """A file on a disk with `room` bytes left: a write past it writes what fits, then raises
+    OSError(code), as write(2) does when the disk fills up mid-file."""
+
+    def __init__(self, f, room, code):
+        self.f, self.room, self.code = f, room, code
+
+    def write(self, b):
+        fits, self.room = max(0, self.room), self.room - len(b)
+        if self.room < 0:
+            self.f.write(b[:fits])
+            raise OSError(self.code, os.strerror(self.code))
+        return self.f.write(b)
+
+    def __getattr__(self, name):  # tell, flush, fileno, close: the real file's
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def disk_fills(monkeypatch, name, code, room):
+    """Every file whose name starts with `name`, opened for writing, fails after `room` bytes."""
+    real_open = builtins.open
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        hit = os.path.basename(str(file)).startswith(name) and any(c in mode for c in "wax")
+        return FillingDisk(f, room, code) if hit else f
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+@pytest.mark.parametrize("name, code, room, cause", [
+    ("checkpoint.pt", errno.ENOSPC, 100_000, "No space left on device (ENOSPC)"),  # a full disk, mid-checkpoint
+    ("checkpoint.pt", errno.EDQUOT, 0, "(EDQUOT)"),  # the quota, at the first byte
+    ("config.json", errno.EROFS, 0, "Read-only file system (EROFS)"),
+    ("metrics.jsonl", errno.EACCES, 1000, "Permission denied (EACCES)"),  # a few rows fit, then one is cut
+])
+def test_a_failed_write_is_one_line_and_leaves_the_files_intact(run_dir, tmp_path, monkeypatch, capsys,
+                                                                 name, code, room, cause):
+    out = str(tmp_path / "full")
+    shutil.copytree(run_dir, out)
+    before = files(out)
+    log = open(os.path.join(out, "metrics.jsonl")).read()
+    disk_fills(monkeypatch, name, code, room)
+    line = one_line_exit_2(capsys, lambda: train.main(TINY + ["--out-dir", out, "--stop-at-step", "6"]))
+    assert f"error: cannot write {os.path.join(out, name)}: " in line and cause in line, line
+    assert "it needs about" in line and "free there" in line and "The files already in the folder are intact" in line
+    after = files(out)
+    assert after["checkpoint.pt"] == before["checkpoint.pt"]  # the previous checkpoint, step 2
+    assert after["config.json"] == before["config.json"] or name != "config.json"  # whole, old or new
+    json.loads(after["config.json"])
+    assert not [f for f in os.listdir(out) if ".tmp" in f], os.listdir(out)  # no partial file left
+    rows = open(os.path.join(out, "metrics.jsonl")).read()
+    assert rows.startswith(log) and all(json.loads(r) for r in rows.splitlines())  # the cut row is gone
+    monkeypatch.undo()  # room again: the same command resumes from the intact checkpoint
+    assert train.main(TINY + ["--out-dir", out, "--stop-at-step", "3"]) == 3
 
 # ---------------------------------------------------------------------------------------------
 # ImageFolder: labels follow the TRAIN class map, saved with the run

@@ -1,8 +1,10 @@
 """train.py: the step, schedules, EMA, resume, preemption, DDP and config errors, on the CPU."""
 
+import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,7 +17,9 @@ import pytest
 import torch
 
 import config
+import evaluate
 import masking
+import plumbing
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -462,14 +466,20 @@ def test_a_compiler_error_falls_back_to_eager_with_the_same_losses(tmp_path, mon
 #   GROUP_TERM_AT N     after step N: write HOOK_OUT/ready, then wait until SIGTERM arrives (the test
 #                       sends it to the whole process group)
 #   NAN_AT       "R:N"  rank R's N-th loss is NaN
+#   STALL_IN_SAVE N     the N-th checkpoint write stops halfway: HOOK_OUT/ready, then sleep (for a kill -9)
+#   FSIZE_LIMIT  B      no file may grow past B bytes (ulimit -f): a larger write fails in the kernel, EFBIG
 HOOKED_MAIN = textwrap.dedent("""
-    import hashlib, json, os, signal, sys, time
+    import hashlib, io, json, os, resource, signal, sys, time
     sys.path.insert(0, {root!r})
+    import torch
     import config, train
 
     env = os.environ.get
     rank, out = int(env("RANK", "0")), env("HOOK_OUT")
-    record, held, calls = {{"plan_rng": []}}, [], {{"ema": 0, "loss": 0}}
+    record, held, calls = {{"plan_rng": []}}, [], {{"ema": 0, "loss": 0, "save": 0}}
+    if env("FSIZE_LIMIT"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process at the limit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(env("FSIZE_LIMIT")),) * 2)
 
     def digest(models):
         return [hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes()
@@ -512,8 +522,22 @@ HOOKED_MAIN = textwrap.dedent("""
         got_signal.append(signum)
         real_handler(self, signum, frame)
 
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        calls["save"] += 1
+        if env("STALL_IN_SAVE") and int(env("STALL_IN_SAVE")) == calls["save"]:
+            whole = io.BytesIO()
+            real_save(obj, whole)
+            f = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f  # a path or an open file
+            f.write(whole.getvalue()[:whole.tell() // 2])
+            f.flush()
+            open(os.path.join(out, "ready"), "w").close()
+            time.sleep(600)
+        return real_save(obj, f, *a, **k)
+
     train.build_models, train.make_plan, train.ema_update, train.jepa_loss = build_models, make_plan, ema_update, jepa_loss
-    config.Preemption._handler = handler
+    config.Preemption._handler, torch.save = handler, save
     try:
         record["step"] = train.main(sys.argv[1:])
         record["end"] = digest(held)
@@ -529,33 +553,40 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(script, out, argv, nproc=2, timeout=300, **hooks):
-    """Start `nproc` ranks of HOOKED_MAIN (what torchrun would do: RANK / WORLD_SIZE / MASTER_* in
-    the environment, gloo on the CPU) and wait for all. A hang fails the test after `timeout` s.
-    Returns [(returncode, output)] per rank and the per-rank hook records."""
-    os.makedirs(out, exist_ok=True)
-    port = free_port()
-    procs = []
-    for r in range(nproc):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_OUT": str(out), **hooks}
-        if nproc > 1:
-            env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
-        with open(os.path.join(out, f"rank{r}.log"), "w") as log:  # a file: a full pipe cannot block a rank
-            procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(out)], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))
+def wait_all(procs, timeout=300):
+    """Exit codes of procs; a hang (a rank left alone, the others waiting for it) fails the test."""
     deadline = time.monotonic() + timeout
     try:
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
             p.wait()
-        pytest.fail(f"ranks did not all exit within {timeout} s (a rank left alone, the others hang)")
-    results = [(rc, open(os.path.join(out, f"rank{r}.log")).read()) for r, rc in enumerate(codes)]
+        pytest.fail(f"processes did not all exit within {timeout} s (a rank left alone, the others hang)")
+
+
+def launch(script, out, argv, nproc=2, timeout=300, logs=None, **hooks):
+    """Start `nproc` ranks of HOOKED_MAIN (what torchrun would do: RANK / WORLD_SIZE / MASTER_* in
+    the environment, gloo on the CPU) and wait for all. A hang fails the test after `timeout` s.
+    Rank logs and hook records go to `logs` (default: the run's folder `out`).
+    Returns [(returncode, output)] per rank and the per-rank hook records."""
+    logs = logs or out
+    os.makedirs(logs, exist_ok=True)
+    port = free_port()
+    procs = []
+    for r in range(nproc):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_OUT": str(logs), **hooks}
+        if nproc > 1:
+            env.update(RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        with open(os.path.join(logs, f"rank{r}.log"), "w") as log:  # a file: a full pipe cannot block a rank
+            procs.append(subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(out)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    codes = wait_all(procs, timeout)
+    results = [(rc, open(os.path.join(logs, f"rank{r}.log")).read()) for r, rc in enumerate(codes)]
     records = []
     for r in range(nproc):
-        path = os.path.join(out, f"hook_rank{r}.json")
+        path = os.path.join(logs, f"hook_rank{r}.json")
         records.append(json.load(open(path)) if os.path.exists(path) else None)
     return results, records
 
@@ -701,3 +732,269 @@ def test_mid_epoch_resume_reads_only_unseen_samples(tmp_path, monkeypatch):
     assert read == read_full[7 * 16:]  # (index, epoch) keys: exactly the unseen ones, in order
     assert [r["loss"] for r in rows_rest[-6:]] == [r["loss"] for r in rows_full[7:]]
     assert_same_weights(full, half)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults of the folder (docs/faults.md): one run per folder, kill -9 and Ctrl-C mid-write, a full
+# disk under torchrun. main: a second run resumed the first's checkpoint and both trained into one
+# folder (one crashed on the shared checkpoint.pt.tmp, metrics.jsonl interleaved).
+
+TRAIN_PY = os.path.join(ROOT, "train.py")
+
+
+def start(script, out, argv, logs, **hooks):
+    """One run of `script` in the background; its output (logs/run.log) and hook files go to `logs`,
+    never into the run's folder `out`."""
+    os.makedirs(logs, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_OUT": str(logs), **hooks}
+    with open(os.path.join(logs, "run.log"), "w") as log:
+        return subprocess.Popen([sys.executable, str(script), *argv, "--out-dir", str(out)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(path, proc, timeout=300):
+    """Until `path` exists (the hook's "ready"); the test fails if proc exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.monotonic() < deadline, open(os.path.join(os.path.dirname(path),
+                                                                                      "run.log")).read()
+        time.sleep(0.05)
+
+
+def snapshot(folder):
+    """{name: bytes} of every file in folder."""
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+def temporary_files(folder):
+    return [f for f in os.listdir(folder) if ".tmp" in f]
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_held_folder_stops_at_once_and_changes_nothing(hooked, tmp_path):
+    """The first run holds its folder (a lock the OS drops when the process ends). A second run into it,
+    here under torchrun, stops on every rank with one line naming the folder and the holder before it
+    reads or writes anything; the first run's files keep their bytes and it trains on alone."""
+    out = tmp_path / "run"
+    first = start(hooked, out, DDP_TINY + ["--ckpt-every", "2"], tmp_path / "first", GROUP_TERM_AT="3")
+    try:
+        wait_for(tmp_path / "first" / "ready", first)  # inside step 3, the checkpoint of step 2 written
+        before = snapshot(out)
+        results, _ = launch(TRAIN_PY, out, DDP_TINY, logs=tmp_path / "second")
+        holder = f"{out} is in use by another run (host {socket.gethostname()}, pid {first.pid})"
+        for rc, text in results:
+            lines = [line for line in text.splitlines() if line.strip()]
+            assert rc == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: ") and holder in lines[0], text
+        assert snapshot(out) == before
+        first.send_signal(signal.SIGTERM)  # the first run checkpoints step 3 and stops
+        assert wait_all([first]) == [0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]  # one writer
+    assert config.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+
+
+@pytest.mark.slow
+def test_kill_9_mid_checkpoint_keeps_the_last_one_and_frees_the_folder(hooked, tmp_path):
+    """kill -9 while the checkpoint of step 4 is half written: checkpoint.pt still holds step 2, the OS
+    released the folder's lock, and the rerun removes the half-written temporary file, resumes from step 2
+    and ends where an uninterrupted run ends."""
+    out = tmp_path / "run"
+    argv = DDP_TINY + ["--ckpt-every", "2"]
+    victim = start(hooked, out, argv, tmp_path / "victim", STALL_IN_SAVE="2")
+    try:
+        wait_for(tmp_path / "victim" / "ready", victim)
+    finally:
+        victim.kill()  # SIGKILL: no handler, no finally, no atexit
+        victim.wait()
+    assert temporary_files(out), os.listdir(out)  # half a checkpoint beside the whole one
+    assert config.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 2
+    assert train.main(argv + ["--out-dir", str(out)]) == 6
+    assert not temporary_files(out)
+    ref, _, _ = run(tmp_path, "--stop-at-step", "6", name="uninterrupted")
+    assert_same_weights(ref, out)
+
+
+def test_ctrl_c_mid_checkpoint_stops_at_once_and_keeps_the_last_one(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) while the checkpoint of step 4 is being written: one line saying the
+    last checkpoint is intact, exit code 130, no partial file, and the folder free for the rerun."""
+    out = str(tmp_path / "run")
+    argv = TINY + ["--stop-at-step", "6", "--ckpt-every", "2", "--out-dir", out]
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:
+            with open(f, "wb") if isinstance(f, str) else contextlib.nullcontext(f) as file:  # a path or a file
+                file.write(b"the first bytes of a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert f"interrupted: {os.path.join(out, 'checkpoint.pt')} is intact; rerun the same command to resume" in err
+    assert config.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2 and not temporary_files(out)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.main(argv) == 6
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_torchrun_stops_every_rank_with_one_line(hooked, ddp_reference, tmp_path):
+    """A real failure from the kernel: files limited to 1 MiB (ulimit -f; the checkpoint is ~11 MiB) make
+    rank 0's checkpoint of step 8 fail with EFBIG inside torch's serializer. Every rank exits with rank
+    0's line (none waits in the next all-reduce), the checkpoint of step 6 keeps its bytes, and no
+    partial file is left beside it."""
+    ref, _ = ddp_reference
+    out = tmp_path / "full"
+    shutil.copytree(ref, out)
+    before = (out / "checkpoint.pt").read_bytes()
+    results, _ = launch(hooked, out, TINY + ["--stop-at-step", "8"], logs=tmp_path / "logs", FSIZE_LIMIT=str(2**20))
+    for rc, text in results:
+        errors = [line for line in text.splitlines() if "error:" in line]
+        assert rc != 0 and len(errors) == 1, text
+        assert f"cannot write {out / 'checkpoint.pt'}: File too large (EFBIG); it needs about" in errors[0], text
+        assert "ulimit -f" in errors[0] and "Traceback" not in text
+    assert (out / "checkpoint.pt").read_bytes() == before and not temporary_files(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbered checkpoints (--keep-every, --keep-last): beside the rolling checkpoint.pt, bounded, and
+# each one a checkpoint that resumes and evaluates.
+
+
+def test_kept_checkpoints_are_bounded_resume_and_evaluate(tmp_path):
+    argv = TINY + ["--num-train", "64", "--epochs", "4", "--keep-every", "1", "--keep-last", "2"]  # 4 steps/epoch
+    out = tmp_path / "run"
+    assert train.main(argv + ["--out-dir", str(out), "--stop-at-step", "6"]) == 6  # keeps epoch 1 (step 4)
+    assert os.path.isfile(out / "checkpoint-ep0001.pt")
+    assert train.main(argv + ["--out-dir", str(out)]) == 16  # resumed: epochs 2, 3, 4 kept, only 2 stay
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == \
+        ["checkpoint-ep0003.pt", "checkpoint-ep0004.pt", "checkpoint.pt"]
+    assert (out / "checkpoint-ep0004.pt").read_bytes() == (out / "checkpoint.pt").read_bytes()
+    kept = str(out / "checkpoint-ep0003.pt")
+    assert config.load_checkpoint(kept)["step"] == 12
+    # a kept checkpoint resumes (into another folder) and reaches the same end, bit for bit
+    again = tmp_path / "again"
+    assert train.main(argv + ["--out-dir", str(again), "--resume", kept]) == 16
+    assert_same_weights(out, again)
+    # ... and evaluates: its own step, its target encoder
+    report = evaluate.main(["--checkpoint", kept, "--eval", "knn", "--features", "last", "--num-workers", "0",
+                            "--device", "cpu", "--out-dir", str(tmp_path / "eval"), "--eval-name", "ep3"])
+    assert report["step"] == 12 and report["checkpoint"] == kept
+    assert report["results"][0]["eval"] == "knn" and 0 <= report["results"][0]["value"] <= 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: torchrun over several nodes, srun without torchrun, each process on its own GPU.
+
+
+def test_process_env_reads_torchrun_then_srun_then_one_process():
+    assert plumbing.process_env({}) == (0, 1, 0)
+    inside = {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert plumbing.process_env(inside) == (9, 16, 1)  # torchrun started by srun: torchrun's names win
+    assert plumbing.process_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)  # srun -n 1
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[07-09,12],cpu3", "SLURM_JOB_ID": "4123456"}
+    assert plumbing.process_env(env) == (5, 6, 1)  # srun -n 6 inside an 8-task allocation
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "6", "1")  # for torch.distributed
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == str(12000 + 4123456 % 20000)
+    given = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert plumbing.process_env(given) == (1, 2, 0) and (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.1", "29500")
+    with pytest.raises(SystemExit, match="no SLURM_JOB_NODELIST to find task 0's host; set MASTER_ADDR"):
+        plumbing.process_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.parametrize("nodes, first", [("node17", "node17"), ("a,b", "a"), ("node[03-05,09]", "node03"),
+                                          ("gpu[7,2],cpu1", "gpu7"), ("r[1-2]n[08-09]", "r1n08"),
+                                          ("ib-[001-004]-x,y", "ib-001-x")])
+def test_first_host_of_a_slurm_node_list(nodes, first):
+    assert plumbing.first_host(nodes) == first
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """On node 1 of 2 x 8 GPUs the process of RANK 11 has LOCAL_RANK 3: cuda:3 for --device auto and a bare
+    --device cuda (main put every bare-cuda process on cuda:0). A process shown one GPU (srun
+    --gpus-per-task) takes it; a local rank beyond the node's GPUs is one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    args = config.parse_args(TINY)
+    for device, want in (("auto", "cuda:3"), ("cuda", "cuda:3"), ("cuda:5", "cuda:5")):
+        args.device = device
+        assert config.pick_device(args, 3) == torch.device(want)
+    args.device = "auto"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert config.pick_device(args, 3) == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match="local rank 3 has no GPU: this node shows 2"):
+        config.pick_device(args, 3)
+
+
+def run_logs(procs, logs):
+    codes = wait_all(procs)
+    return codes, [open(log).read() for log in logs]
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(ddp_reference, tmp_path):
+    """Two `torchrun --nnodes 2 --node_rank N --nproc_per_node 1` launchers on loopback: RANK 0 and 1,
+    LOCAL_RANK 0 on both. Only global rank 0 takes the folder and writes (node 1's process, local rank 0
+    there, neither locks nor logs), and the run reaches the weights and losses of 1 node x 2 processes."""
+    ref, _ = ddp_reference
+    out, port = tmp_path / "two-nodes", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs, logs = [], [tmp_path / f"node{n}.log" for n in (0, 1)]
+    for node, path in enumerate(logs):
+        with open(path, "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), TRAIN_PY,
+                 *DDP_TINY, "--out-dir", str(out)], env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes, texts = run_logs(procs, logs)
+    assert codes == [0, 0], texts
+    assert "config:" in texts[0] and "config:" not in texts[1]  # node 1 prints and writes nothing
+    assert [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r] == list(range(1, 7))
+    assert losses(out) == losses(ref)
+    assert_same_weights(ref, out)
+
+
+def free_slurm_port():
+    """A free port that a SLURM job id maps to (plumbing.SLURM_PORTS: 12000 + job id mod 20000)."""
+    base, span = plumbing.SLURM_PORTS
+    for port in random.Random().sample(range(base, base + span), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port in the SLURM range")
+
+
+@pytest.mark.slow
+def test_srun_without_torchrun_trains_as_one_run_of_two_processes(ddp_reference, tmp_path):
+    """`srun -n 2 python train.py` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the job's node
+    list, none of torchrun's variables (main trained two separate worlds of one into one folder). Here
+    two local processes with only those variables are ranks 0 and 1 of one run: rendezvous at the node
+    list's first host, on a port derived from the job id, and the weights of the 2-process reference."""
+    ref, _ = ddp_reference
+    out, port = tmp_path / "srun", free_slurm_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    job = 20000 * 345 + port - plumbing.SLURM_PORTS[0]
+    procs, logs = [], [tmp_path / f"task{t}.log" for t in (0, 1)]
+    for task, path in enumerate(logs):
+        env = {**base, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(task), "SLURM_NTASKS": "2",
+               "SLURM_LOCALID": str(task), "SLURM_JOB_NODELIST": "127.0.0.1,node-b", "SLURM_JOB_ID": str(job)}
+        with open(path, "w") as log:
+            procs.append(subprocess.Popen([sys.executable, TRAIN_PY, *DDP_TINY, "--out-dir", str(out)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    codes, texts = run_logs(procs, logs)
+    assert codes == [0, 0], texts
+    assert "processes 2 x micro-batch 8" in texts[0] and "config:" not in texts[1]
+    assert [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r] == list(range(1, 7))
+    assert losses(out) == losses(ref)
+    assert_same_weights(ref, out)

@@ -41,9 +41,12 @@ PRESETS = {
     # region, and Otsu's foreground (~40 % of the patches) then holds two such regions in only
     # ~58 % of the images; at 0.1 (>= 7 patches) ~79 % have two, so most plans have 2 steps
     # (`evaluate.py --eval regions` measures this histogram; README "Region statistics").
-    "demo": dict(dataset="synthetic", img_size=32, patch_size=4, model="micro", pred_dim=64,
-                 pred_depth=3, epochs=6, batch_size=64, warmup_epochs=1, lr=1e-3, num_train=6000,
-                 num_val=1000, knn_every=0, ckpt_every=200, alpha=0.1),
+    # The recipe (docs/learning.md, results/shapes/sweep2.json): the "shapes" set (the class is the shape,
+    # grey objects), lr 2e-3 and a 10x larger patch-embedding init (0.2), so that targets carry image
+    # content from step 0; kNN every 2 epochs draws the learning curve (learning.png).
+    "demo": dict(dataset="shapes", img_size=32, patch_size=4, model="micro", pred_dim=64,
+                 pred_depth=3, epochs=6, batch_size=64, warmup_epochs=1, lr=2e-3, patch_init_std=0.2,
+                 num_train=6000, num_val=1000, knn_every=2, ckpt_every=200, alpha=0.1),
     # Small-compute research settings: 8 x 8 patches of 4 px on 32 px images.
     "cifar10-tiny": dict(dataset="cifar10", img_size=32, patch_size=4, model="tiny", pred_dim=192,
                          pred_depth=6, epochs=100, batch_size=256, warmup_epochs=10, lr=1e-3),
@@ -120,6 +123,8 @@ def get_args_parser():
                    "crop whole batches on the device (auto: on for them, on a CPU too; off: per-image PIL crops in the DataLoader)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="base", choices=list(vit.SIZES), help="encoder size (paper: base; huge)")
+    g.add_argument("--patch-init-std", type=float, default=0.02,
+                   help="std of the patch embedding's init (paper: 0.02; the demo preset: 0.2, docs/learning.md)")
     g.add_argument("--pred-dim", type=int, default=384, help="predictor width (I-JEPA: 384; official DSeq config: 192)")
     g.add_argument("--pred-depth", type=int, default=6, help="predictor depth (paper: 6 for ViT-B, 12 for ViT-H)")
     g = p.add_argument_group("method")

@@ -169,16 +169,12 @@ _SHAPES_ANY = {
     "half": lambda x, y: (x * x + y * y <= 1) & (y >= -0.1),  # half disc
     "bar": lambda x, y: (abs(x) <= 0.95) & (abs(y) <= 0.3),
 }
-def _hsv_to_rgb(h, s, v):
-    """h, s, v: arrays in [0, 1] -> (..., 3) RGB in [0, 255] (the standard hexcone model)."""
-    k = (np.stack([5.0, 3.0, 1.0], -1) + h[..., None] * 6) % 6  # (..., 3)
-    return 255 * (v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
 def _layout_shapes(q, labels):
     """_layout's boxes (same geometry, same uniforms for it) for the "shapes" set: EVERY object has
     the class shape (list(_SHAPES_ANY)[c]); size (80-94 % of its box's short side), rotation (any
-    angle) and colour (any hue) are drawn per object, so neither colour nor place tells the class.
+    angle) and grey level are drawn per object, so neither brightness nor place tells the class.
     q: (B, _N_LAYOUT) uniforms (the last one unused), labels: (B,) -> (B, 4, 10) as _layout."""
     B = len(labels)
     q = iter(q.T)  # each next(q) is one (B,) column of fresh uniforms
@@ -203,9 +199,13 @@ def _layout_shapes(q, labels):
     out[:, 3, :5] = np.stack([small, cx, cy, np.full(B, r), np.full(B, r)], 1) * small[:, None]
     out[:, :, 5] = np.stack([next(q) for _ in range(_N_OBJECTS)], 1) * 2 * math.pi  # any rotation
     out[:, :, 6] = (labels % len(_SHAPES_ANY))[:, None]  # every object has the class shape
-    # colours: any hue, vivid (saturation 0.6-1, value 0.7-1) against the desaturated background
+    # colours: grey, a random light level per object (value 0.7-1, 178-255) against the darker,
+    # desaturated background. No hue on purpose: a random hue per object is the largest pixel
+    # variation there is, and a tiny run's encoder spends itself on it (docs/learning.md); grey
+    # objects leave the shape as the thing to learn. Three uniforms per object are still drawn (hue,
+    # saturation, value, of which only the value is used) so the layout stream is that of a coloured set.
     hsv = [np.stack([next(q) for _ in range(_N_OBJECTS)], 1) for _ in range(3)]  # 3 x (B, 4)
-    out[:, :, 7:] = _hsv_to_rgb(hsv[0], 0.6 + 0.4 * hsv[1], 0.7 + 0.3 * hsv[2])
+    out[:, :, 7:] = (255 * (0.7 + 0.3 * hsv[2]))[..., None]  # (B, 4, 3) grey
     # transposed layouts: swap x and y of centres and radii
     out[transpose] = out[transpose][:, :, [0, 2, 1, 4, 3, 5, 6, 7, 8, 9]]
     return out
@@ -229,9 +229,9 @@ class SyntheticShapes(Dataset):
     (the thing a discriminative R_1 should find; distractors are not in it).
 
     shape_only=True (the "shapes" dataset): the class is the shape alone, list(_SHAPES_ANY)[c] (10
-    classes), and EVERY object has it, each in its own random colour (any hue), size and rotation
-    (any angle) (_layout_shapes): neither colour nor place tells the class, so raw pixels and a
-    random-init encoder are weak baselines (results/shapes-baselines.json). object_mask(i) is then
+    classes), and EVERY object has it, each in its own random grey level, size and rotation
+    (any angle) (_layout_shapes): neither brightness nor place tells the class, so raw pixels and a
+    random-init encoder are weak baselines (results/shapes/). object_mask(i) is then
     the pixels of all objects.
     """
 

@@ -171,7 +171,8 @@ def resolve_config(argv=None):
 
 def load_target_encoder(ckpt, args, path):
     """The checkpoint's EMA target encoder f_bar, loaded strictly (cls_token included) and frozen."""
-    encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+    encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                      patch_init_std=args.patch_init_std)
     state, own = ckpt["target_encoder"], encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -946,7 +947,7 @@ def main(argv=None):
         if ckpt is not None:
             encoder = load_target_encoder(ckpt, args, args.checkpoint)
         else:
-            encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size).requires_grad_(False)
+            encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size, patch_init_std=args.patch_init_std).requires_grad_(False)
         encoder = encoder.eval().to(device)
         kinds = ["last", "concat4"] if args.features == "both" else [args.features]
     autocast, _ = config.make_autocast(args, device)

@@ -73,7 +73,8 @@ def lambda_at(step, args, total):  # curriculum: probability of a discriminative
 
 def build_models(args):
     """Context encoder f, predictor g, and target encoder f_bar (a frozen copy, updated by EMA)."""
-    encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size)
+    encoder = vit.vit(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                      patch_init_std=args.patch_init_std)
     predictor = vit.predictor_for(encoder, pred_dim=args.pred_dim, depth=args.pred_depth)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)
     return encoder, predictor, target_encoder

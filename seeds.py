@@ -38,6 +38,7 @@ import sys
 
 import config
 import evaluate
+import pictures
 import train
 
 # The README's tables. Edit here (or pass --config FILE.json with the same shape) to change them.
@@ -282,6 +283,46 @@ def markdown(table, rows, seeds):
                       "(|difference| <= sum of the two stds).", "", *lines, "", *verdicts]) + "\n"
 
 
+def curves(rows, runs_dirs, seeds):
+    """Per trained row: its seeds' kNN and target_std curves from metrics.jsonl (train.py's monitor),
+    as {"knn": [[step, mean, std, n], ...], "target_std": [...]} over the steps every seed logged."""
+    out = {}
+    for name, r in rows.items():
+        if r["train"] is None:
+            continue
+        per_seed = []
+        for s in seeds:
+            log = os.path.join(find_run(name, s, runs_dirs, True, True), "metrics.jsonl")
+            if os.path.isfile(log):
+                with open(log) as f:
+                    per_seed.append([json.loads(line) for line in f if line.strip()])
+        curve = {}
+        for key, field in (("knn", "knn_top1"), ("target_std", "target_std")):
+            by_step = [{row["step"]: row[field] for row in rows_ if field in row} for rows_ in per_seed]
+            steps = sorted(set.intersection(*(set(b) for b in by_step))) if by_step else []
+            curve[key] = [[t, statistics.fmean(v := [b[t] for b in by_step]),
+                           statistics.stdev(v) if len(v) > 1 else 0.0, len(v)] for t in steps]
+        if curve["knn"]:
+            out[name] = curve
+    return out
+
+
+def curves_picture(rows, curve, path):
+    """The table's learning curves side by side (kNN, target_std): each trained row's mean with its
+    +- std band over seeds; the random-init and raw-pixel kNN means as dashed levels."""
+    palette = [pictures.COLOURS["dseq"], pictures.COLOURS["ijepa"], (150, 90, 180), (200, 140, 30), (60, 160, 160)]
+    levels = [(f"{name} (mean)", pictures.COLOURS["random" if "random" in name else "pixels"],
+               rows[name]["stats"][COLUMNS[0][0]]["mean"])
+              for name in rows if rows[name]["train"] is None and COLUMNS[0][0] in rows[name]["stats"]]
+    knn, std = {"title": "held-out kNN top-1 (%), mean +- std over seeds", "series": [], "bands": [],
+                "levels": levels}, {"title": "target_std (-> 0 = collapse), mean over seeds", "series": [], "log": True}
+    for (name, c), colour in zip(curve.items(), palette):
+        knn["series"].append((name, colour, [(t, m) for t, m, _, _ in c["knn"]]))
+        knn["bands"].append((name, colour, [(t, m - sd, m + sd) for t, m, sd, _ in c["knn"]]))
+        std["series"].append((name, colour, [(t, m) for t, m, _, _ in c["target_std"]]))
+    return pictures.chart([knn, std], path)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     configs = load_configs(args)
@@ -316,12 +357,15 @@ def main(argv=None):
     text = markdown(args.table, rows, args.seeds)
     command = "python seeds.py " + shlex.join(argv if argv is not None else sys.argv[1:])  # copy-pastable
     path = os.path.join(args.results_dir, f"{args.table}.json")
+    curve = curves(rows, args.runs_dir, args.seeds) if args.checkpoint == LAST else {}  # finished runs' logs
     with open(path, "w") as f:
         json.dump({"table": args.table, "seeds": args.seeds, "command": command, "columns": COLUMNS,
-                   "tie_rule": "|mean_a - mean_b| <= std_a + std_b", "rows": rows}, f, indent=1)
+                   "tie_rule": "|mean_a - mean_b| <= std_a + std_b", "rows": rows, "curves": curve}, f, indent=1)
     with open(os.path.join(args.results_dir, f"{args.table}.md"), "w") as f:
         f.write(f"`{command}`\n\n" + text)
-    print("\n" + text + f"wrote {path} and {args.table}.md")
+    if curve:  # the learning curves of the table's trained rows, beside it
+        curves_picture(rows, curve, os.path.join(args.results_dir, f"{args.table}-learning.png"))
+    print("\n" + text + f"wrote {path}, {args.table}.md" + (f" and {args.table}-learning.png" if curve else ""))
     return rows
 
 

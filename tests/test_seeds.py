@@ -117,7 +117,8 @@ def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tm
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps({"epochs": 1}))  # TRAIN's; other keys absent (an older run)
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-            {"step": 5, "epoch": 0, "knn_top1": 1.0}, {"step": 9, "loss": 0.1}, {"step": 10, "epoch": 1, "knn_top1": knn}]))
+            {"step": 5, "epoch": 0, "knn_top1": 1.0}, {"step": 9, "loss": 0.1, "target_std": knn / 100},
+            {"step": 10, "epoch": 1, "knn_top1": knn}]))
     (runs / "m" / "seed1" / "eval_seeds.json").write_text(json.dumps({"results": [
         {"eval": "knn", "features": "last", "metric": "val_top1", "value": 72.0, "k": 20},
         {"eval": "linear", "features": "last", "metric": "val_top1", "value": 80.0}]}))
@@ -127,6 +128,11 @@ def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tm
     assert knn["n"] == 2 and knn["mean"] == pytest.approx((60.0 + 72.0) / 2)  # eval JSON wins where it exists
     assert lin["n"] == 1 and lin["mean"] == 80.0
     assert "(n = 1)" in (tmp_path / "res" / "t.md").read_text()
+    # the learning curves over seeds (from metrics.jsonl, so the end-of-run kNN, not the eval JSON's 72)
+    curve = json.loads((tmp_path / "res" / "t.json").read_text())["curves"]["m"]
+    assert curve["knn"] == [[5, 1.0, 0.0, 2], [10, 65.0, pytest.approx(statistics.stdev([60.0, 70.0])), 2]]
+    assert curve["target_std"] == [[9, pytest.approx(0.65), pytest.approx(statistics.stdev([0.6, 0.7])), 2]]
+    assert (tmp_path / "res" / "t-learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_pretraining_stopped_early_is_never_evaluated(tmp_path, monkeypatch):

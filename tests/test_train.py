@@ -397,6 +397,30 @@ def test_compile_path_trains_and_saves_raw_state_dicts(tmp_path):
     assert set(ckpt["encoder"]) == set(enc.state_dict()) and set(ckpt["predictor"]) == set(pred.state_dict())
 
 
+def test_a_compiler_error_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch, capsys):
+    """A compiler that raises (simulated: every compiled callable raises a wrapper whose cause is
+    Inductor's kind of assertion) must not end the run: one warning naming the step, the torch
+    version and the compiler's own error, then the same step again eager, and the run finishes."""
+    calls = []
+
+    def broken_compile(fn, **kw):
+        def compiled(*a, **k):
+            calls.append(1)
+            try:
+                raise AssertionError("get_pw_red_splits: tiling")
+            except AssertionError as inner:
+                raise RuntimeError("backend compiler failed") from inner
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out, step, rows = run(tmp_path, "--compile", "--stop-at-step", "3", "--pack-splits", "1")
+    err = capsys.readouterr().err
+    assert step == 3 and len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert err.count("warning: torch.compile failed") == 1 and "at step 0" in err
+    assert torch.__version__ in err and "AssertionError: get_pw_red_splits" in err and "eager mode" in err
+    assert len(calls) == 1  # after the fallback nothing compiled is called again
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_a_compiler_error_falls_back_to_eager_with_the_same_losses(tmp_path, monkeypatch, capsys, where):
     """torch.compile compiles lazily, so its errors arise inside a step: at a graph's first forward,

@@ -154,9 +154,8 @@ def _loss_sum(encoder, predictor, images, targets, plan):
 def ema_update(target_encoder, encoder, momentum):
     """Step 7: f_bar <- m * f_bar + (1 - m) * f, in one foreach call (no per-parameter loop)."""
     tgt = list(target_encoder.parameters())
-    src = [p.detach() for p in encoder.parameters()]
-    torch._foreach_mul_(tgt, momentum)
-    torch._foreach_add_(tgt, src, alpha=1.0 - momentum)
+    torch._foreach_mul_(tgt, momentum)  # no .detach() per parameter: no_grad already keeps autograd out
+    torch._foreach_add_(tgt, list(encoder.parameters()), alpha=1.0 - momentum)
 
 
 def train_step(models, images, lam, args, generator, autocast):

@@ -97,6 +97,20 @@ def test_ema_step_equals_hand_computation():
     assert torch.allclose(tgt.bias, torch.tensor([0.3]))
 
 
+def test_ema_update_is_the_per_parameter_loop_bit_for_bit():
+    """Step 7 in two foreach calls over all parameters is f_bar <- m f_bar + (1 - m) f written one parameter
+    at a time, to the bit, on a micro ViT (every parameter shape of the real encoder)."""
+    args = config.parse_args(TINY)
+    enc, _, tgt = train.build_models(args)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p))  # the two encoders differ everywhere
+    loop = [t.detach().clone().mul_(0.996).add_(p, alpha=1.0 - 0.996) for t, p in zip(tgt.parameters(), enc.parameters())]
+    train.ema_update(tgt, enc, 0.996)
+    assert all(torch.equal(t, want) for t, want in zip(tgt.parameters(), loop))
+    assert not any(t.requires_grad for t in tgt.parameters())
+
+
 def test_foreach_adamw_is_the_for_loop_adamw_bit_for_bit():
     """make_optimizer's AdamW runs foreach (a few calls over all tensors instead of a Python loop over each,
     CPU's default): weights and moments after steps with changing lr and weight decay are the for-loop's bits."""

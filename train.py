@@ -143,8 +143,7 @@ def _loss_sum(encoder, predictor, images, targets, plan):
     # 4. predictor: one mask token per target position, sees what the level rule allows
     pred = predictor(ctx, plan.ctx_idx, plan.ctx_lvl, plan.tgt_idx, plan.tgt_lvl, plan.tgt_grp)  # (R, Lt, D)
     # 5. loss against the target encoder's features at the target positions
-    tgt = targets[plan.sample]  # (R, P, D)
-    tgt = tgt.gather(1, plan.tgt_idx[..., None].expand(-1, -1, tgt.shape[-1]))  # (R, Lt, D)
+    tgt = targets[plan.sample[:, None], plan.tgt_idx]  # (R, Lt, D) in one gather, no (R, P, D) copy first
     per_token = F.smooth_l1_loss(pred.float(), tgt, reduction="none", beta=1.0).mean(-1)  # (R, Lt)
     real = (plan.tgt_lvl > 0).float()  # (R, Lt), padding is not scored
     return (per_token * real).sum(), real.sum()

@@ -11,7 +11,8 @@ after a change on a busy machine where wall-clock times do not. Per step and per
   top_ops    aten:: events with no aten:: parent: the ops Python (or an autograd node) dispatched
 Parts are the step's numbered pieces (train.py), each labelled by wrapping the module function the
 step calls; an op counts in its innermost part, so "1 targets" is the target encoder without saliency.
-Self-CPU shares (of all profiled CPU time, per op name) come along as a rough, noisy second signal.
+Self-CPU shares (of all profiled CPU time, per op name) and each part's inclusive CPU share come along
+as a rough, noisy second signal.
 The step is train.py's loop body: the next batch, optimizer_step (train_step, backward, AdamW), EMA.
 """
 
@@ -103,11 +104,16 @@ def profile_method(method, steps, extra):
     for e in prof.key_averages():
         self_cpu[e.key] += e.self_cpu_time_total
     total_cpu = sum(self_cpu.values()) or 1
+    part_cpu = collections.Counter()  # inclusive: "1 targets" holds "1 saliency", the networks the masks
+    for e in prof.events():
+        if e.name in labels or e.name.startswith("Optimizer."):
+            part_cpu[part_of(e, labels)] += e.cpu_time_total
     return {"aten_ops_per_step": len(aten) / steps, "plain_step_aten_ops": len(plain),
             "plain_step_top_ops": sum(not _has_aten_parent(e) for e in plain), "top_ops_per_step": len(top) / steps,
             "per_part": {k: {"aten_ops": a / steps, "top_ops": t / steps} for k, (a, t) in sorted(per_part.items())},
             "top_ops_by_count": {k: v / steps for k, v in by_name.most_common(15)},
-            "self_cpu_share_noisy": {k: round(v / total_cpu, 3) for k, v in self_cpu.most_common(15)}}
+            "self_cpu_share_noisy": {k: round(v / total_cpu, 3) for k, v in self_cpu.most_common(15)},
+            "part_cpu_share_noisy": {k: round(v / total_cpu, 3) for k, v in sorted(part_cpu.items())}}
 
 
 def _has_aten_parent(event):
@@ -128,10 +134,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
+    real = [getattr(module, name) for module, name, _ in PARTS]
     for module, name, label in PARTS:
         setattr(module, name, labelled(getattr(module, name), label))
+    try:
+        methods = {m: profile_method(m, args.steps, extra) for m in args.methods}
+    finally:  # the modules as they were (a test calls main in its own process)
+        for (module, name, _), fn in zip(PARTS, real):
+            setattr(module, name, fn)
     out = {"command": "python scripts/profile_step.py " + shlex.join(argv), "torch": torch.__version__,
-           "steps": args.steps, "methods": {m: profile_method(m, args.steps, extra) for m in args.methods}}
+           "steps": args.steps, "methods": methods}
     for m, r in out["methods"].items():
         print(f"{m}: {r['aten_ops_per_step']:.0f} aten ops / step, {r['top_ops_per_step']:.0f} top-level; "
               f"bench.py's plain step {r['plain_step_aten_ops']} / {r['plain_step_top_ops']}")

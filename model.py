@@ -54,6 +54,15 @@ def level_mask(levels, groups, is_target):
     return allowed | eye
 
 
+def attention_bias(mask):
+    """mask (B, L, L) bool from level_mask -> (B, 1, L, L) fp32 additive bias: 0 where allowed, -inf
+    elsewhere, broadcast over heads. This is what scaled_dot_product_attention makes of a bool mask,
+    at every call, i.e. in every block; a pass builds it once here for all its blocks (Attention casts
+    it to the queries' dtype, exact for 0 and -inf), so the outputs are the same bits."""
+    bias = torch.zeros(mask.shape[0], 1, *mask.shape[1:], device=mask.device)  # (B, 1, L, L)
+    return bias.masked_fill_(~mask[:, None], float("-inf"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Fixed 2-D sin-cos positional embedding
 
@@ -93,7 +102,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, mask=None):
-        """x: (B, L, C); mask: (B, L, L) bool or None (everything attends to everything).
+        """x: (B, L, C); mask: (B, L, L) bool, its attention_bias (B, 1, L, L) (what the encoder and
+        the predictor pass: built once per pass), or None (everything attends to everything).
 
         mask=None is the fast path: without a mask, scaled_dot_product_attention may take the
         flash kernel on a GPU. The target encoder's full-image pass and evaluation always run it,
@@ -102,8 +112,9 @@ class Attention(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads)  # (B, L, 3, H, C/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, C/H)
-        attn_mask = None if mask is None else mask[:, None]  # (B, 1, L, L), broadcast over heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, C/H)
+        if mask is not None:  # (B, 1, L, L), broadcast over heads
+            mask = mask[:, None] if mask.dtype == torch.bool else mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, C/H)
         y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
         return self.proj(y)
 
@@ -219,6 +230,7 @@ class VisionTransformer(nn.Module):
             lv = torch.cat([cls_level, levels], dim=1)  # (B, 1 + L)
             no_group = torch.zeros_like(lv)
             mask = level_mask(lv, no_group, torch.zeros_like(lv, dtype=torch.bool))  # (B, 1+L, 1+L)
+            mask = attention_bias(mask)  # (B, 1, 1+L, 1+L), once for every block
         for block in self.blocks:
             t = block(t, mask)
         return self.norm(t)[:, 1:]  # (B, L, D)
@@ -281,7 +293,7 @@ class Predictor(nn.Module):
         groups = torch.cat([torch.zeros_like(ctx_lvl), tgt_grp], dim=1)  # (R, Lc + Lt)
         is_target = torch.cat([torch.zeros_like(ctx_lvl, dtype=torch.bool),
                                torch.ones_like(tgt_lvl, dtype=torch.bool)], dim=1)  # (R, Lc + Lt)
-        mask = level_mask(levels, groups, is_target)  # (R, Lc + Lt, Lc + Lt)
+        mask = attention_bias(level_mask(levels, groups, is_target))  # (R, 1, Lc + Lt, Lc + Lt)
         for block in self.blocks:
             x = block(x, mask)
         return self.predictor_proj(self.norm(x[:, Lc:]))  # (R, Lt, D)

@@ -69,6 +69,31 @@ def test_level_mask_ijepa_blocks_do_not_see_each_other():
     assert not m[:3, 3:].any()  # context never sees targets
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_bias_built_once_per_pass_equals_the_bool_mask_in_every_block(amp):
+    """The encoder and the predictor turn the level rule's mask into an additive bias once per pass
+    (model.attention_bias); blocks fed the bool mask itself (SDPA converting it at every call) give the
+    same outputs and the same gradients, to the bit, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([model.Block(32, 4) for _ in range(2)])
+    lv = torch.tensor([[1, 1, 2, 2, 3, 0], [1, 2, 2, 3, 3, 3]])  # padding in row 0
+    grp, tgt = torch.tensor([[0, 0, 0, 2, 3, 0], [0, 0, 2, 2, 3, 3]]), lv * 0 == 1
+    tgt[:, 3:] = True
+    mask = level_mask(lv, grp, tgt)  # (2, 6, 6)
+    x = torch.randn(2, 6, 32)
+    outs = []
+    for m in (mask, model.attention_bias(mask)):
+        blocks.zero_grad()
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            y = x
+            for blk in blocks:
+                y = blk(y, m)
+        y.float().square().sum().backward()
+        outs.append([y] + [p.grad.clone() for p in blocks.parameters()])
+    assert model.attention_bias(mask).shape == (2, 1, 6, 6)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 # ---------------------------------------------------------------------------------------------
 # Shapes and positions
 

@@ -97,6 +97,49 @@ def test_ema_step_equals_hand_computation():
     assert torch.allclose(tgt.bias, torch.tensor([0.3]))
 
 
+def test_ema_update_is_the_per_parameter_loop_bit_for_bit():
+    """Step 7 in two foreach calls over all parameters is f_bar <- m f_bar + (1 - m) f written one parameter
+    at a time, to the bit, on a micro ViT (every parameter shape of the real encoder)."""
+    args = config.parse_args(TINY)
+    enc, _, tgt = train.build_models(args)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p))  # the two encoders differ everywhere
+    loop = [t.detach().clone().mul_(0.996).add_(p, alpha=1.0 - 0.996) for t, p in zip(tgt.parameters(), enc.parameters())]
+    train.ema_update(tgt, enc, 0.996)
+    assert all(torch.equal(t, want) for t, want in zip(tgt.parameters(), loop))
+    assert not any(t.requires_grad for t in tgt.parameters())
+
+
+def test_foreach_adamw_is_the_for_loop_adamw_bit_for_bit():
+    """make_optimizer's AdamW runs foreach (a few calls over all tensors instead of a Python loop over each,
+    CPU's default): weights and moments after steps with changing lr and weight decay are the for-loop's bits."""
+    args = config.parse_args(TINY)
+    torch.manual_seed(0)
+    a = train.build_models(args)[:2]
+    torch.manual_seed(0)
+    b = train.build_models(args)[:2]
+    fast = train.make_optimizer(*a, args)
+    slow = train.make_optimizer(*b, args)
+    for group in slow.param_groups:
+        group["foreach"] = False  # the per-tensor loop
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=g) for m in a for p in m.parameters()]
+        for opt, models in ((fast, a), (slow, b)):
+            for p, grad in zip((p for m in models for p in m.parameters()), grads):
+                p.grad = grad.clone()
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * (step + 1)
+            opt.param_groups[0]["weight_decay"] = 0.04 + 0.1 * step
+            opt.step()
+    assert fast.param_groups[0]["foreach"] is True
+    pa, pb = ([p for m in models for p in m.parameters()] for models in (a, b))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    for x, y in zip(pa, pb):
+        assert all(torch.equal(fast.state[x][k], slow.state[y][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
 def test_no_weight_decay_on_biases_and_norms():
     args = config.parse_args(TINY)
     enc, pred, _ = train.build_models(args)

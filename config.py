@@ -40,7 +40,8 @@ PRESETS = {
     # alpha 0.1 instead of the paper's 0.15: on the 8 x 8 grid 0.15 means >= 10 of 64 patches per
     # region, and Otsu's foreground (~40 % of the patches) then holds two such regions in only
     # ~58 % of the images; at 0.1 (>= 7 patches) ~79 % have two, so most plans have 2 steps
-    # (`evaluate.py --eval regions` measures this histogram; README "Region statistics").
+    # (measured on the multi-object `synthetic` set, the demo's data before `shapes`;
+    # `evaluate.py --eval regions` measures this histogram; README "Region statistics").
     # The recipe (docs/learning.md, results/shapes/sweep2.json): the "shapes" set (the class is the shape,
     # grey objects), lr 2e-3 and a 10x larger patch-embedding init (0.2), so that targets carry image
     # content from step 0; kNN every 2 epochs draws the learning curve (learning.png).

@@ -310,13 +310,15 @@ def curves(rows, runs_dirs, seeds):
 def curves_picture(rows, curve, path):
     """The table's learning curves side by side (kNN, target_std): each trained row's mean with its
     +- std band over seeds; the random-init and raw-pixel kNN means as dashed levels."""
-    palette = [pictures.COLOURS["dseq"], pictures.COLOURS["ijepa"], (150, 90, 180), (200, 140, 30), (60, 160, 160)]
+    palette = [pictures.COLOURS["dseq"], (150, 90, 180), (200, 140, 30), (60, 160, 160), (120, 60, 20)]
     levels = [(f"{name} (mean)", pictures.COLOURS["random" if "random" in name else "pixels"],
                rows[name]["stats"][COLUMNS[0][0]]["mean"])
               for name in rows if rows[name]["train"] is None and COLUMNS[0][0] in rows[name]["stats"]]
     knn, std = {"title": "held-out kNN top-1 (%), mean +- std over seeds", "series": [], "bands": [],
                 "levels": levels}, {"title": "target_std (-> 0 = collapse), mean over seeds", "series": [], "log": True}
-    for (name, c), colour in zip(curve.items(), palette):
+    others = iter(palette)
+    for name, c in curve.items():
+        colour = pictures.COLOURS["ijepa"] if "ijepa" in name else next(others)
         knn["series"].append((name, colour, [(t, m) for t, m, _, _ in c["knn"]]))
         knn["bands"].append((name, colour, [(t, m - sd, m + sd) for t, m, sd, _ in c["knn"]]))
         std["series"].append((name, colour, [(t, m) for t, m, _, _ in c["target_std"]]))

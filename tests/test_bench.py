@@ -7,7 +7,7 @@ import torch
 
 import bench
 
-TOY = ["--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
+TOY = ["--dataset", "synthetic", "--model", "micro", "--img-size", "32", "--patch-size", "4", "--pred-dim", "32", "--pred-depth", "2",
        "--batch-size", "4", "--alpha", "0.1", "--device", "cpu", "--steps", "2", "--warmup", "0",
        "--no-memory", "--sal-batch", "16", "--sal-repeats", "1", "--loader-images", "4", "--pack-batches", "8", "32",
        "--pack-time-batch", "8", "--pack-steps", "1"]

@@ -24,7 +24,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Data flags shared by the runs below: synthetic 16 px images, 4 x 4 patch grid, a micro ViT.
-DATA = ["--img-size", "16", "--patch-size", "4", "--num-train", "160", "--num-val", "64",
+DATA = ["--dataset", "synthetic", "--img-size", "16", "--patch-size", "4", "--num-train", "160", "--num-val", "64",
         "--num-workers", "0", "--device", "cpu"]
 TINY = DATA + ["--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--batch-size", "16",
                "--epochs", "1", "--knn-every", "0", "--alpha", "0.1"]
@@ -430,7 +430,7 @@ def test_top_region_object_overlap_scores_the_object(trained, tmp_path, monkeypa
     _, ckpt_path = trained
     args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path])
     enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
-    ds, _ = data.build_dataset("synthetic", None, "val", 16, synthetic_size=64)
+    ds, _ = data.build_dataset(args.dataset, None, "val", 16, synthetic_size=64)  # the run's set
     obj = torch.stack([ds.object_mask(i) for i in range(64)]).float().view(64, 4, 4, 4, 4).mean((2, 4)).flatten(1) >= 0.5
 
     def fake(top):

@@ -331,7 +331,8 @@ def test_presets_set_defaults_and_flags_override():
     args = config.parse_args(["--preset", "in1k-vit-base", "--data-path", "x", "--epochs", "3"])
     assert (args.model, args.batch_size, args.img_size, args.epochs) == ("base", 2048, 224, 3)
     demo = config.parse_args([])
-    assert demo.preset == "demo" and demo.dataset == "synthetic"
+    assert demo.preset == "demo" and demo.dataset == "shapes"
+    assert (demo.lr, demo.patch_init_std, demo.knn_every) == (2e-3, 0.2, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Each variant is one `python train.py` run (the demo preset unless --base says ot
 --knn-every set, so its metrics.jsonl holds the held-out kNN of the untrained target encoder (step
 0: the random-init level at the SAME init) and of the target encoder every few epochs. The JSON
 keeps per variant: the exact command, kNN at step 0 and at the end, the gap, the curve, the last
-loss and target_std. A finished run (its metrics.jsonl has the end-of-run kNN) is reused, so a
+loss and target_std. A finished run (seeds.pretraining_complete: its checkpoint and the end-of-run
+kNN line) is reused, so a
 sweep that stopped can be rerun with the same command. One seed per variant: a sweep finds
 candidates; the seeds table (seeds.py) measures the one that is chosen.
 """
@@ -20,6 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository
+from seeds import pretraining_complete  # noqa: E402  (checkpoint.pt + the end-of-run kNN line)
 
 
 def read_metrics(path):
@@ -48,20 +51,19 @@ def main():
         run_dir = os.path.join(a.runs_dir, name)
         cmd = [sys.executable, "train.py", *shlex.split(a.base), *shlex.split(flags),
                "--knn-every", str(a.knn_every), "--no-picture", "--out-dir", run_dir]
-        metrics = os.path.join(ROOT, run_dir, "metrics.jsonl")
-        knn, _ = read_metrics(metrics)
-        t0 = time.time()
-        if len(knn) < 2 or out["runs"].get(name, {}).get("flags") != flags:
+        t0, old = time.time(), out["runs"].get(name, {})
+        trained = not pretraining_complete(os.path.join(ROOT, run_dir)) or old.get("flags") != flags
+        if trained:
             print(f"[sweep] {name}: {shlex.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        knn, train = read_metrics(metrics)
+        knn, train = read_metrics(os.path.join(ROOT, run_dir, "metrics.jsonl"))
         steps = sorted(knn)
         row = {"flags": flags, "command": shlex.join(["python", *cmd[1:]]),
                "knn_step0": knn[steps[0]], "knn_end": knn[steps[-1]], "gap": knn[steps[-1]] - knn[steps[0]],
                "knn_curve": [[s, knn[s]] for s in steps], "steps": steps[-1],
                "loss_end": train[-1]["loss"] if train else None,
                "target_std_end": train[-1].get("target_std") if train else None,
-               "wall_s": round(time.time() - t0, 1)}
+               "wall_s": round(time.time() - t0, 1) if trained else old.get("wall_s")}
         out["runs"][name] = row
         print(f"[sweep] {name}: kNN {row['knn_step0']:.1f} -> {row['knn_end']:.1f} (gap {row['gap']:+.1f}), "
               f"loss {row['loss_end']}, target_std {row['target_std_end']}", flush=True)

@@ -1,0 +1,28 @@
+"""scripts/sweep.py: one train.py run per variant, its kNN curve and command in one JSON; a finished
+run is reused on a rerun of the same command (its row, wall time included, stays as it was)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ("--img-size 16 --patch-size 4 --model micro --pred-dim 32 --pred-depth 2 --batch-size 16 "
+        "--num-train 64 --num-val 32 --num-workers 0 --epochs 1 --warmup-epochs 0 --device cpu --alpha 0.1")
+
+
+def test_sweep_records_each_variant_and_reuses_finished_runs(tmp_path):
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, "scripts/sweep.py", "--out", str(out), "--runs-dir", str(tmp_path / "runs"),
+           "--base", BASE, "--variant", "a=--lr 1e-3", "--variant", "b=--lr 2e-3 --method ijepa"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    first = json.loads(out.read_text())
+    assert set(first["runs"]) == {"a", "b"}
+    for name, row in first["runs"].items():
+        metrics = [json.loads(l) for l in open(tmp_path / "runs" / name / "metrics.jsonl")]
+        knn = {r["step"]: r["knn_top1"] for r in metrics if "knn_top1" in r}
+        assert [s for s, _ in row["knn_curve"]] == sorted(knn) and sorted(knn)[0] == 0 and row["steps"] == 4
+        assert row["gap"] == knn[4] - knn[0] and "--lr" in row["command"] and row["wall_s"] > 0
+    assert "--method ijepa" in first["runs"]["b"]["command"]
+    rerun = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    assert "train.py" not in rerun.stdout  # nothing trained again
+    assert json.loads(out.read_text())["runs"] == first["runs"]

@@ -480,7 +480,7 @@ def end_of_run(target_encoder, args, device, step, epoch, log, master):
             print(f"wrote {path}: kNN {rows[-1].get('knn_top1', float('nan')):.2f} at step {step}, "
                   + ", ".join(f"{label} {v:.2f}" for label, _, v in levels))
             path = os.path.join(args.out_dir, "plans.png")
-            pic = evaluate.plan_picture(target_encoder, args, path, device=device)
+            pic = pictures.plan_picture(target_encoder, args, path, device=device)
             overlap = {k: v for k, v in pic.items() if k.startswith(("top_region", "object_area", "ranked"))}
             print(f"wrote {path}; " + ", ".join(f"{k} {v}" for k, v in overlap.items() if v is not None))
             log.write({"step": step, **overlap})

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import region_stats  # noqa: E402
 import saliency  # noqa: E402
 import train  # noqa: E402
 
@@ -70,7 +71,7 @@ def diagnose(path, alphas, n_images):
             A = (z @ t[:, 0, :, None])[..., 0] / z.shape[-1] ** 0.5  # (n, P)
         else:
             A = saliency.saliency_map(z, encoder.cls_token)  # (n, P) Eq. 1's A, as in training
-        stats = evaluate.region_statistics(A, (h, w), [args.alpha], args.regions)[args.alpha]
+        stats = region_stats.region_statistics(A, (h, w), [args.alpha], args.regions)[args.alpha]
         regions, _ = saliency.regions_from_saliency(A, (h, w), args.regions, args.alpha)  # (n, P)
         top = regions == 1  # (n, P) R_1
         out[name] = {"alpha": args.alpha, "ranked_mean": stats["ranked_mean"],

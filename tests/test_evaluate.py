@@ -1,4 +1,5 @@
-"""evaluate.py: kNN, linear probe, fine-tuning, checkpoint loading, the plan picture, on the CPU."""
+"""evaluate.py (with probe.py, region_stats.py and the plan picture of pictures.py): kNN, linear probe,
+fine-tuning, checkpoint loading, the plan picture, region statistics, on the CPU."""
 
 import json
 import math
@@ -19,6 +20,9 @@ import config
 import data
 import evaluate
 import masking
+import pictures
+import probe
+import region_stats
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +109,7 @@ def test_probe_step_is_torch_sgd_nesterov_per_head():
     p, buf = w.clone(), torch.zeros_like(w)
     for i, grad in enumerate(grads):
         p.grad = grad
-        evaluate.sgd_nesterov_step([p], [buf], lr * (0.1 if i >= 2 else 1), wd)
+        probe.sgd_nesterov_step([p], [buf], lr * (0.1 if i >= 2 else 1), wd)
     for h in range(3):
         ref = w[h].clone().requires_grad_(True)
         opt = torch.optim.SGD([ref], lr=lr[h].item(), momentum=0.9, nesterov=True, weight_decay=wd[h].item())
@@ -117,12 +121,12 @@ def test_probe_step_is_torch_sgd_nesterov_per_head():
     # momentum really acts: from p = 0 (no decay term) one step moves by -lr (g + 0.9 g)
     q, qbuf = torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)
     q.grad = torch.ones_like(q)
-    evaluate.sgd_nesterov_step([q], [qbuf], torch.tensor([0.01]), torch.tensor([0.0]))
+    probe.sgd_nesterov_step([q], [qbuf], torch.tensor([0.01]), torch.tensor([0.0]))
     assert torch.allclose(q, torch.full_like(q, -0.01 * 1.9))
 
 
 def test_probe_heads_are_batchnorm_without_affine_and_independent():
-    grid = evaluate.ProbeGrid(6, 3, n_heads=4)
+    grid = probe.ProbeGrid(6, 3, n_heads=4)
     assert isinstance(grid.norm, nn.BatchNorm1d) and not grid.norm.affine
     x = torch.randn(5, 6)
     assert grid(x).shape == (4, 5, 3)  # (H, B, C)
@@ -132,19 +136,19 @@ def test_probe_heads_are_batchnorm_without_affine_and_independent():
 
 
 def test_probe_lr_steps_at_8_16_24_scaled_to_the_epochs():
-    lrs = [evaluate.probe_lr_at(e, 1.0, 28) for e in (0, 7, 8, 15, 16, 23, 24, 27)]
+    lrs = [probe.probe_lr_at(e, 1.0, 28) for e in (0, 7, 8, 15, 16, 23, 24, 27)]
     assert lrs == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    assert [evaluate.probe_lr_at(e, 1.0, 14) for e in (3, 4, 8, 12)] == pytest.approx([1, 0.1, 0.01, 0.001])
-    assert evaluate.probe_lr_at(0, 1.0, 1) == 1.0  # a 1-epoch probe never decays
+    assert [probe.probe_lr_at(e, 1.0, 14) for e in (3, 4, 8, 12)] == pytest.approx([1, 0.1, 0.01, 0.001])
+    assert probe.probe_lr_at(0, 1.0, 1) == 1.0  # a 1-epoch probe never decays
 
 
 def test_holdout_split_is_stratified_seeded_and_disjoint():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
-    fit, hold = evaluate.holdout_split(labels, 0.1, seed=3)
+    fit, hold = probe.holdout_split(labels, 0.1, seed=3)
     assert sorted(fit.tolist() + hold.tolist()) == list(range(100))  # disjoint, covers train
     assert torch.bincount(labels[hold]).tolist() == [5, 3, 2]  # 10 % of every class
-    assert torch.equal(hold, evaluate.holdout_split(labels, 0.1, seed=3)[1])  # same seed, same split
-    assert not torch.equal(hold, evaluate.holdout_split(labels, 0.1, seed=4)[1])
+    assert torch.equal(hold, probe.holdout_split(labels, 0.1, seed=3)[1])  # same seed, same split
+    assert not torch.equal(hold, probe.holdout_split(labels, 0.1, seed=4)[1])
 
 
 def logistic_regression_lbfgs(x, y, x_test, y_test, num_classes, l2=1e-4):
@@ -182,11 +186,11 @@ def overlapping_gaussians(n, n_test, dim=24, num_classes=5, seed=0):
 
 def run_probe(x, y, x_test, y_test, num_classes, *flags):
     args = eval_args(*flags)
-    fit_idx, hold_idx = evaluate.holdout_split(y, args.probe_holdout, seed=0)
+    fit_idx, hold_idx = probe.holdout_split(y, args.probe_holdout, seed=0)
     fit = ({"last": x[fit_idx]}, y[fit_idx])
     hold = ({"last": x[hold_idx]}, y[hold_idx])
-    batches = evaluate.cached_batches(*fit, 256, seed=0)
-    return evaluate.linear_probe(batches, hold, ({"last": x_test}, y_test), num_classes, args, "cpu", 256, fit=fit)
+    batches = probe.cached_batches(*fit, 256, seed=0)
+    return probe.linear_probe(batches, hold, ({"last": x_test}, y_test), num_classes, args, "cpu", 256, fit=fit)
 
 
 def test_probe_grid_reaches_a_converged_logistic_regression():
@@ -215,10 +219,10 @@ def test_whitened_probe_converges_on_ill_conditioned_features():
     q, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(1)))
     mix = q * torch.logspace(0, -2.5, 24)  # (F, F) invertible, variances spread over 1e5
     x, xt = z @ mix.T, zt @ mix.T
-    mean, w = evaluate.whitening(x)
+    mean, w = probe.whitening(x)
     white = (x - mean) @ w
     a = torch.randn(2000, 8, generator=torch.Generator().manual_seed(2)) @ torch.randn(8, 8) + 5
-    m, wa = evaluate.whitening(a)
+    m, wa = probe.whitening(a)
     assert torch.allclose(torch.cov(((a - m) @ wa).T), torch.eye(8), atol=1e-3)  # identity covariance
     plain = run_probe(x, y, xt, yt, 5)["last"]["val_top1"]
     whitened = run_probe(white, y, (xt - mean) @ w, yt, 5)["last"]["val_top1"]
@@ -233,12 +237,12 @@ def test_probe_learns_linearly_separable_features():
     noise = torch.randn(1200, 32, generator=g)
     feats = {"last": x, "concat4": torch.cat([x, noise], 1)}  # concat4: twice as wide, half noise
     args = eval_args("--probe-epochs", "5")
-    fit_idx, hold_idx = evaluate.holdout_split(y[:1000], 0.1, seed=0)
+    fit_idx, hold_idx = probe.holdout_split(y[:1000], 0.1, seed=0)
     fit = ({k: f[fit_idx] for k, f in feats.items()}, y[fit_idx])
     hold = ({k: f[hold_idx] for k, f in feats.items()}, y[hold_idx])
     test = ({k: f[1000:] for k, f in feats.items()}, y[1000:])
-    batches = evaluate.cached_batches(*fit, 64, seed=0)
-    out = evaluate.linear_probe(batches, hold, test, 4, args, "cpu", 64, fit=fit)
+    batches = probe.cached_batches(*fit, 64, seed=0)
+    out = probe.linear_probe(batches, hold, test, 4, args, "cpu", 64, fit=fit)
     for kind in ("last", "concat4"):  # both grids trained at once on the same batches
         assert out[kind]["val_top1"] > 95 and out[kind]["train_top1"] > 90 and out[kind]["holdout_top1"] > 90
 
@@ -257,7 +261,7 @@ def test_probe_augmentation_is_random_resized_crop_008_1_and_flip():
     std = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1) * 255
 
     def boxes(augment):
-        loader = evaluate.probe_loader(args, source, torch.arange(2000), 500, "cpu", augment=augment)
+        loader = probe.probe_loader(args, source, torch.arange(2000), 500, "cpu", augment=augment)
         out = torch.cat([x for x, _ in loader]) * std + mean  # (N, 3, S, S) back in [0, 255]
         dx = (out[:, 0, :, -1] - out[:, 0, :, 0]).mean(1)  # (N,) red across a row: 4 w (S-1) / S
         dy = (out[:, 1, -1, :] - out[:, 1, 0, :]).mean(1)  # (N,) green down a column
@@ -299,9 +303,9 @@ def test_checkpoint_round_trip_knn_and_cached_probe(trained, tmp_path):
             assert 0 <= rows["knn", f, "val_top1", k] <= rows["knn", f, "val_top5", k] <= 100
         assert 0 <= rows["linear", f, "val_top1", None] <= 100 and ("linear", f, "train_top1", None) in rows
         assert ("linear", f, "holdout_top1", None) in rows
-        probe = saved["probe"][f]  # the chosen head, its train accuracy next to test, and the grid
-        assert {"lr", "wd", "train_top1", "holdout_top1", "val_top1", "grid"} <= set(probe)
-        assert len(probe["grid"]) == 18 and probe["n_fit"] + probe["n_holdout"] == 160
+        head = saved["probe"][f]  # the chosen head, its train accuracy next to test, and the grid
+        assert {"lr", "wd", "train_top1", "holdout_top1", "val_top1", "grid"} <= set(head)
+        assert len(head["grid"]) == 18 and head["n_fit"] + head["n_holdout"] == 160
     white = evaluate.main(["--checkpoint", ckpt_path, "--eval", "linear", "--probe-whiten", "--probe-epochs", "1",
                            "--features", "last", "--out-dir", str(tmp_path), "--eval-name", "white", "--device", "cpu"])
     assert white["probe"]["last"]["val_top1"] >= 0 and white["results"][0]["whiten"]
@@ -401,7 +405,7 @@ def test_layer_wise_lr_decay_groups():
 def test_plan_maps_recover_the_dseq_plan():
     regions = torch.tensor([[1, 1, 2, 5, 5, 3], [5, 5, 5, 5, 5, 5]])  # sample 2: background only
     plan = masking.dseq_plan(regions, num_regions=5)
-    ctx, tgt = evaluate.plan_maps(plan, 6)
+    ctx, tgt = pictures.plan_maps(plan, 6)
     assert ctx[0].tolist() == [1, 1, 2, 0, 0, 3]  # R_1..R_3 are context levels 1..3; background never
     assert tgt[0, 2].tolist() == [0, 0, 1, 0, 0, 0] and tgt[0, 3].tolist() == [0, 0, 0, 0, 0, 1]
     assert tgt[0, 4].tolist() == [0, 0, 0, 1, 1, 0]  # the background is the last target
@@ -413,7 +417,7 @@ def test_picture_is_written_and_not_blank(trained, tmp_path):
     args, ckpt = evaluate.resolve_config(["--checkpoint", ckpt_path])
     enc = evaluate.load_target_encoder(ckpt, args, ckpt_path)
     path = str(tmp_path / "plans.png")
-    out = evaluate.plan_picture(enc, args, path, "cpu")
+    out = pictures.plan_picture(enc, args, path, "cpu")
     im = np.asarray(Image.open(path).convert("RGB"))
     # one column per DSeq step some shown row has (at least one), empty ones dropped
     assert 1 <= out["step_columns"] <= args.regions - 1
@@ -436,12 +440,12 @@ def test_top_region_object_overlap_scores_the_object(trained, tmp_path, monkeypa
     def fake(top):
         return lambda z, cls, grid, n_regions, alpha: (torch.where(top, 1, n_regions), top.float())
 
-    monkeypatch.setattr(evaluate.saliency, "discriminative_regions", fake(obj))
-    out = evaluate.plan_picture(enc, args, str(tmp_path / "a.png"), "cpu")
+    monkeypatch.setattr(pictures.saliency, "discriminative_regions", fake(obj))
+    out = pictures.plan_picture(enc, args, str(tmp_path / "a.png"), "cpu")
     assert out["top_region_object_overlap"] == pytest.approx(obj.any(1).float().mean().item())
     assert out["top_region_object_precision"] == 1.0 and out["object_area"] == pytest.approx(obj.float().mean().item())
-    monkeypatch.setattr(evaluate.saliency, "discriminative_regions", fake(~obj))
-    assert evaluate.plan_picture(enc, args, str(tmp_path / "b.png"), "cpu")["top_region_object_overlap"] == 0
+    monkeypatch.setattr(pictures.saliency, "discriminative_regions", fake(~obj))
+    assert pictures.plan_picture(enc, args, str(tmp_path / "b.png"), "cpu")["top_region_object_overlap"] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +504,7 @@ def blob_maps():
 
 
 def test_region_statistics_histogram_and_which_flags_change_a_plan():
-    stats = evaluate.region_statistics(blob_maps(), (6, 6), alphas=[0.1, 0.2], n_regions=5)
+    stats = region_stats.region_statistics(blob_maps(), (6, 6), alphas=[0.1, 0.2], n_regions=5)
     low, high = stats[0.1], stats[0.2]  # a 2 x 2 blob is 4 patches: kept at 0.1 (>= 4), dropped at 0.2 (>= 8)
     assert low["hist"] == [1, 1, 1, 1, 0] and low["ranked_mean"] == 1.5 and low["images"] == 4
     assert high["hist"] == [4, 0, 0, 0, 0] and all(v == 0 for v in high["differs"].values())
@@ -516,14 +520,14 @@ def test_positional_share_is_the_variance_a_fixed_map_explains():
     g = torch.Generator().manual_seed(0)
     pos = torch.rand(36, generator=g)  # one fixed 6 x 6 "picture of position"
     same = pos.expand(8, 36) * torch.linspace(1, 3, 8)[:, None]  # the same map at 8 scales: Eq. 1 undoes them
-    assert evaluate.region_statistics(same, (6, 6), [0.1])[0.1]["positional_share"] == pytest.approx(1, abs=1e-5)
+    assert region_stats.region_statistics(same, (6, 6), [0.1])[0.1]["positional_share"] == pytest.approx(1, abs=1e-5)
     for noise in (0.3, 3.0):
         A = pos + noise * torch.rand(8, 36, generator=g)  # (8, 36)
         # oracle: 1 - within-position sum of squares / total, on the Eq. 1 maps, in numpy
         a = A.double().numpy()
         a = (a - a.min(1, keepdims=True)) / (a.max(1, keepdims=True) - a.min(1, keepdims=True) + 1e-6)
         oracle = 1 - ((a - a.mean(0)) ** 2).sum() / ((a - a.mean()) ** 2).sum()
-        share = evaluate.region_statistics(A, (6, 6), [0.1, 0.2])
+        share = region_stats.region_statistics(A, (6, 6), [0.1, 0.2])
         assert share[0.1]["positional_share"] == share[0.2]["positional_share"] == pytest.approx(oracle, rel=1e-5)
     assert 0 < share[0.1]["positional_share"] < 0.5  # mostly noise: position explains little
 
@@ -531,8 +535,8 @@ def test_positional_share_is_the_variance_a_fixed_map_explains():
 def test_plan_steps_tell_causal_from_replicate_only_with_two_context_regions():
     regions = torch.tensor([[1, 1, 2, 2, 3, 3, 5, 5],   # R_1, R_2, R_3, background
                             [1, 1, 5, 5, 5, 5, 5, 5]])  # R_1, background
-    causal = evaluate.plan_steps(masking.dseq_plan(regions, num_regions=5), 2)
-    replicate = evaluate.plan_steps(masking.dseq_plan(regions, mode="replicate", num_regions=5), 2)
+    causal = region_stats.plan_steps(masking.dseq_plan(regions, num_regions=5), 2)
+    replicate = region_stats.plan_steps(masking.dseq_plan(regions, mode="replicate", num_regions=5), 2)
     f = frozenset
     assert causal[0] == {(f({2, 3}), (f({0, 1}),)), (f({4, 5}), (f({0, 1}), f({2, 3}))),
                          (f({6, 7}), (f({0, 1}), f({2, 3}), f({4, 5})))}

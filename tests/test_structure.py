@@ -4,10 +4,13 @@ one sitting. The layers, bottom first (README, "Files"):
     model, saliency, masking, data     the method and its data: import no file of a higher layer
     plumbing                           processes (torchrun, srun), the output folder's lock, writes that
                                        fail in one line: imports the bottom layer only (in fact none of it)
+    pictures, probe, region_stats      the plan picture and line charts, the linear probe's grid, the
+                                       region statistics: import the bottom layer only, so evaluate and
+                                       train can both use them
     config                             the shared parser, checkpoints, devices: imports the bottom layer
                                        and plumbing only
-    evaluate                           imports config, never train
-    train                              imports config and evaluate
+    evaluate                           imports config and the layers below, never train
+    train                              imports config, evaluate and the layers below
     seeds, bench                       may import anything
 
 Read from the source (ast), so nothing is imported or run."""
@@ -18,11 +21,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOTTOM = ("model", "saliency", "masking", "data")
+BESIDE_BOTTOM = ("plumbing", "pictures", "probe", "region_stats")  # each imports the bottom layer only
 MAX_LINES = 500  # what a reader takes in at one sitting (nanoGPT's train.py: ~330; MAE's models_mae.py: ~250)
 
 # Top-level files allowed past MAX_LINES, each with the reason, which the README repeats word for word.
 LONG_FILES = {
-    "evaluate.py": "the paper's whole evaluation protocol (kNN, the linear-probe grid, fine-tuning, region statistics, the plan picture and two baselines), each a few small functions over cached features",
+    "evaluate.py": "the paper's evaluation protocol side by side (the checkpoint's configuration, kNN, the linear probe, fine-tuning and two baselines), each a few small functions over cached features",
     "data.py": "six datasets and their loaders, without torchvision",
     "masking.py": "the I-JEPA sampler, both DSeq plan modes with their ablations, and the packing of plans",
     "bench.py": "a benchmark with many measurements, not read beside the paper",
@@ -92,7 +96,9 @@ def test_arrows_point_down():
     for m in BOTTOM:
         assert graph[m] <= set(BOTTOM), f"{m}.py imports {sorted(graph[m] - set(BOTTOM))}: the bottom layer " \
                                         "(model, saliency, masking, data) imports none of the files above it"
-    assert not graph.get("plumbing", set()) - set(BOTTOM), "plumbing.py imports only the bottom layer"
+    for m in BESIDE_BOTTOM:
+        assert not graph.get(m, set()) - set(BOTTOM), f"{m}.py imports only the bottom layer " \
+                                                      f"(it imports {sorted(graph[m] - set(BOTTOM))})"
     assert not graph.get("config", set()) - set(BOTTOM) - {"plumbing"}, "config.py imports only the bottom layer and plumbing"
     assert "train" not in graph.get("evaluate", ()), "evaluate.py imports config, never train (train imports evaluate)"
 

@@ -459,7 +459,7 @@ MIN_CHUNK_ROWS = 8  # the default row limit never goes below this: on a CPU, cut
 PASS_COST = {"cpu": 400 * 96 ** 2, "cuda": 2000 * 768 ** 2}
 AUTO_SPLITS = 8  # auto considers up to this many sub-batches
 CACHE_ELEMENTS = 2 ** 18  # auto on a CPU: a sub-batch holds <= this many activations (rows x P x width)
-# per tensor: on ViT-T/16 at 224 px that is the 8-row chunks that measured best (README, performance)
+# per tensor: on ViT-T/16 at 224 px that is the 8-row chunks that measured best (docs/performance.md)
 
 
 def pack_settings(splits, rows, width, patches, device_type):

@@ -41,7 +41,7 @@ PRESETS = {
     # region, and Otsu's foreground (~40 % of the patches) then holds two such regions in only
     # ~58 % of the images; at 0.1 (>= 7 patches) ~79 % have two, so most plans have 2 steps
     # (measured on the multi-object `synthetic` set, the demo's data before `shapes`;
-    # `evaluate.py --eval regions` measures this histogram; README "Region statistics").
+    # `evaluate.py --eval regions` measures this histogram; docs/evaluation.md "Region statistics").
     # The recipe (docs/learning.md, results/shapes/sweep2.json): the "shapes" set (the class is the shape,
     # grey objects), lr 2e-3 and a 10x larger patch-embedding init (0.2), so that targets carry image
     # content from step 0; kNN every 2 epochs draws the learning curve (learning.png).

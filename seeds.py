@@ -2,7 +2,7 @@
 Numbers with error bars: pretrain + evaluate named configurations over several seeds, then write
 the mean +- std table.
 
-    python seeds.py --table demo --seeds 0 1 2                          # the README's synthetic table
+    python seeds.py --table demo --seeds 0 1 2                          # the README's demo table (the shapes set)
     python seeds.py --table ablations --seeds 0 1 2                     # flat / order / replicate on the demo
     python seeds.py --table fmnist --seeds 0 1 --data-path ~/data/fmnist   # the Fashion-MNIST table
     python seeds.py --config my_table.json --seeds 0 1 2 --table mine   # your own configurations

@@ -192,7 +192,7 @@ def wrap_for_speed(models, args, world, device):
     if args.compile:
         # Static shapes, as DINOv3 compiles: plans and sub-batches come in a few shapes (masking.
         # compile_shapes), each compiled into its own specialised graph when first met (metrics.jsonl
-        # counts them). Dynamic shapes crashed Inductor twice on an H200 (torch 2.11, README), both
+        # counts them). Dynamic shapes crashed Inductor twice on an H200 (torch 2.11, docs/performance.md), both
         # times in symbolic-size code that specialised graphs never reach.
         import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config

@@ -221,7 +221,10 @@ def plain_step(models, optimizer, images, Lc, Lt, momentum):
 
 def step_overhead(args, extra):
     """overhead_ratio per setting: median over rounds of (full step / plain_step), timed wall clock
-    and interleaved (full, plain, plain, full, ...) in one process so that load hits both alike.
+    and interleaved (full, plain, full, plain, ...) in one process so that load hits both alike.
+    Each round's plain step runs right after its full step, on THAT step's real tokens: plans vary
+    from step to step (at lambda 0.5 half the samples are DSeq plans), so a plain step on another
+    step's token counts would pair unlike work (it did, in the alternating order used before).
     The full step is train.main's: the next batch from the loader, train_step (targets + saliency,
     plan, sub-batches, masks), backward, loss.item(), AdamW, EMA, at lambda 0.5 (the middle of the
     curriculum: half the samples DSeq plans); plain_step gets that step's real tokens per image."""
@@ -257,18 +260,20 @@ def step_overhead(args, extra):
         plain_step(models, optimizer, images, Lc, Lt, targs.ema[0])
         times = {"full": [], "plain": []}
         for rnd in range(args.steps):
-            for kind in (("full", "plain") if rnd % 2 == 0 else ("plain", "full")):
-                t = time.perf_counter()
-                if kind == "full":
-                    Lc, Lt = full()
-                else:
-                    plain_step(models, optimizer, images, Lc, Lt, targs.ema[0])
-                times[kind].append(time.perf_counter() - t)
-        ratio = statistics.median(f / p for f, p in zip(times["full"], times["plain"]))
+            t = time.perf_counter()
+            Lc, Lt = full()
+            times["full"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            plain_step(models, optimizer, images, Lc, Lt, targs.ema[0])  # this round's own tokens
+            times["plain"].append(time.perf_counter() - t)
+        ratios = [f / p for f, p in zip(times["full"], times["plain"])]
+        ratio = statistics.median(ratios)
         out["overhead_ratio"][name] = ratio
         out["settings"][name] = {"flags": flags, "full_ms": 1e3 * statistics.median(times["full"]),
                                  "plain_ms": 1e3 * statistics.median(times["plain"]), "batch": targs.batch_size,
-                                 "pack_splits": targs.pack_splits, "threads": torch.get_num_threads()}
+                                 "pack_splits": targs.pack_splits, "threads": torch.get_num_threads(),
+                                 "ratio_per_round": [round(r, 3) for r in ratios],
+                                 "ratio_of_medians": statistics.median(times["full"]) / statistics.median(times["plain"])}
         print(f"{name}: full step {out['settings'][name]['full_ms']:.0f} ms, plain {out['settings'][name]['plain_ms']:.0f}"
               f" ms, overhead ratio {ratio:.2f} (median of {args.steps} paired rounds)")
     return out

@@ -131,3 +131,35 @@ def test_demo_time_runs_train_py_and_reports_time_and_memory():
     finally:
         torch.set_num_threads(threads)
     assert r["steps"] == 4 and r["wall_s"] > 0 and r["peak_rss_gb"] > 0 and 0 <= r["knn_top1"] <= 100
+
+
+def test_step_overhead_pairs_each_plain_step_with_its_own_full_step(monkeypatch):
+    """The ratio divides each full step by a plain step on THAT step's real token counts. Plans vary
+    from step to step, so a plain step on another step's counts pairs unlike work (the alternating
+    order did that on every second round). A spy records what each plain step got and checks it
+    against the tokens the full step just before it reported."""
+    tiny = ["--dataset", "synthetic", "--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--batch-size", "8",
+            "--num-train", "32", "--alpha", "0.1", "--device", "cpu", "--num-workers", "0", "--compile", "off"]
+    monkeypatch.setattr(bench, "OVERHEAD_SETTINGS", {"toy": tiny})
+    full_tokens, plain_tokens = [], []
+    real_step, real_plain = bench.train.train_step, bench.plain_step
+
+    def spy_step(*a, **k):
+        loss, plan, stats = real_step(*a, **k)
+        full_tokens.append((round(stats["context_tokens"].item()), round(stats["target_tokens"].item())))
+        return loss, plan, stats
+
+    def spy_plain(models, optimizer, images, Lc, Lt, momentum):
+        plain_tokens.append((Lc, Lt))
+        return real_plain(models, optimizer, images, Lc, Lt, momentum)
+
+    monkeypatch.setattr(bench.train, "train_step", spy_step)
+    monkeypatch.setattr(bench, "plain_step", spy_plain)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.step_overhead(bench.get_parser().parse_args(["--steps", "5"]), [])
+    finally:
+        torch.set_num_threads(threads)
+    assert plain_tokens == full_tokens  # warm-up pair + 5 rounds, each plain on its own full's tokens
+    s = out["settings"]["toy"]
+    assert len(s["ratio_per_round"]) == 5 and out["overhead_ratio"]["toy"] > 0 and s["ratio_of_medians"] > 0

@@ -118,6 +118,17 @@ def dist_info():
     return 0, 1
 
 
+def fail_together(message):
+    """fail(message) on every rank at once, for an error all ranks learnt from one from_rank0: leave the
+    process group first (a barrier, then its teardown), or a rank's exit can abort a peer whose gloo
+    threads are still alive ("terminate called without an active exception", exit -6 instead of 2: the
+    held-folder test under two processes, once in one full suite run). train.main ends the same way."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank is here (they all got the same message), so this cannot hang
+        dist.destroy_process_group()
+    fail(message)
+
+
 def from_rank0(value):
     """Rank 0's value on every rank (one broadcast); the value itself in a world of one."""
     if dist_info()[1] == 1:
@@ -183,7 +194,7 @@ def out_dir_lock(out_dir):
     refused = from_rank0(refused)  # the other ranks stop too, instead of waiting for rank 0 forever
     check_writes()
     if refused:
-        fail(refused)
+        fail_together(refused)
     try:
         yield
     finally:
@@ -284,7 +295,7 @@ def check_writes():
     agreement, at the end): rank 0's failed write, if any, stops every rank with its one line."""
     message = from_rank0(_pending[0] if _pending else None)
     if message:
-        fail(message)
+        fail_together(message)
 
 
 @contextmanager

@@ -491,3 +491,5 @@ if __name__ == "__main__":
         main()
     except data.DataError as e:  # the message names the data and the fix; a traceback adds nothing
         config.fail(config.data_error_line(e))
+    if plumbing.process_env()[1] > 1:  # a torchrun / srun process: leave without the teardown that can
+        plumbing.end_process(0)  # abort on the gloo threads DDP keeps alive (plumbing.end_process)

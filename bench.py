@@ -122,6 +122,8 @@ def get_parser():
     p.add_argument("--step-overhead", action="store_true",
                    help="only the full step against the bare networks on the same real tokens, for the demo and for "
                         "ViT-T/16 at 224 px batch 64 (--steps paired rounds; threads as train.py sets them)")
+    p.add_argument("--overhead-settings", nargs="+", choices=list(OVERHEAD_SETTINGS), default=list(OVERHEAD_SETTINGS),
+                   help="--step-overhead: which settings to time (an A/B of the demo's flags needs only the demo)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     p.add_argument("--probe-images", default=None, help=argparse.SUPPRESS)
     return p
@@ -229,7 +231,8 @@ def step_overhead(args, extra):
     plan, sub-batches, masks), backward, loss.item(), AdamW, EMA, at lambda 0.5 (the middle of the
     curriculum: half the samples DSeq plans); plain_step gets that step's real tokens per image."""
     out = {"rounds": args.steps, "overhead_ratio": {}, "settings": {}}
-    for name, flags in OVERHEAD_SETTINGS.items():
+    for name in args.overhead_settings:
+        flags = OVERHEAD_SETTINGS[name]
         targs = config.parse_args(flags + extra + ["--no-picture"])
         device = config.pick_device(targs, 0)
         config.fit_threads(targs, device)

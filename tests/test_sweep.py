@@ -26,3 +26,19 @@ def test_sweep_records_each_variant_and_reuses_finished_runs(tmp_path):
     rerun = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     assert "train.py" not in rerun.stdout  # nothing trained again
     assert json.loads(out.read_text())["runs"] == first["runs"]
+
+
+def test_supervised_bound_trains_the_pretraining_encoder_for_the_pretraining_steps(tmp_path):
+    """scripts/supervised_bound.py: the run's encoder, batch and epochs (4 steps of 16 on 64 images), and its
+    kNN from the same monitor train.py logs, at step 0 (the untrained encoder: the same number train.py
+    logs at step 0 for these flags) and after training."""
+    out, run_dir = tmp_path / "sup.json", tmp_path / "run"
+    subprocess.run([sys.executable, "scripts/supervised_bound.py", "--json", str(out), *BASE.split()],
+                   cwd=ROOT, check=True, capture_output=True)
+    sup = json.loads(out.read_text())
+    assert sup["steps"] == 4 and sup["epochs"] == 1 and sup["batch_size"] == 16
+    assert 0 <= sup["train_top1_last_epoch"] <= 100 and "--img-size 16" in sup["command"]
+    subprocess.run([sys.executable, "train.py", *BASE.split(), "--knn-every", "1", "--no-picture",
+                    "--out-dir", str(run_dir)], cwd=ROOT, check=True, capture_output=True)
+    step0 = [json.loads(l) for l in open(run_dir / "metrics.jsonl") if '"knn_top1"' in l][0]
+    assert step0["step"] == 0 and sup["knn_top1_step0"] == step0["knn_top1"]

@@ -144,6 +144,9 @@ def get_args_parser():
                    help="regions from saliency (paper) or random I-JEPA blocks predicted sequentially (ablation)")
     g.add_argument("--lambda-coin", choices=["sample", "batch"], default="sample",
                    help="draw the DSeq-vs-I-JEPA choice per sample, or once per batch (official code)")
+    g.add_argument("--target-norm", choices=["layer", "batch"], default="layer",
+                   help="layer: layer norm of each target token (I-JEPA, paper); batch: then also each position and "
+                        "channel standardised over the images of the batch (takes the position part out; docs/learning.md)")
     g.add_argument("--num-targets", type=int, default=4, help="I-JEPA target blocks per image (paper: 4)")
     g.add_argument("--target-scale", type=float, nargs=2, default=(0.15, 0.2), help="I-JEPA target block scale (paper: 0.15 0.2)")
     g.add_argument("--context-scale", type=float, nargs=2, default=(0.85, 1.0), help="I-JEPA context block scale (paper: 0.85 1.0)")

@@ -98,6 +98,8 @@ def make_targets(target_encoder, images, args):
     """
     z_sal, h = target_encoder.features(images, layers=(args.saliency_layer, -1))  # (B, P, D) x 2
     targets = F.layer_norm(h.float(), (h.shape[-1],))  # (B, P, D), the I-JEPA target
+    if args.target_norm == "batch":
+        targets = standardise_over_images(targets)  # (B, P, D)
     # Collapse signal: spread of the pooled representation across images (-> 0 if collapsed).
     stats = {"target_std": h.float().mean(1).std(0).mean()}
     regions = None
@@ -109,6 +111,25 @@ def make_targets(target_encoder, images, args):
         stats["ranked_regions"] = regions.masked_fill(regions >= args.regions, 0).amax(1).float().mean()
         stats["salient_share"] = ranked.mean()
     return targets, regions, stats
+
+
+def standardise_over_images(targets, eps=1e-6):
+    """--target-norm batch: every (patch position, channel) of the targets at mean 0 and std 1 over the
+    images of the global batch (all ranks: one all_reduce of the sums).
+
+    targets: (B, P, D) fp32 -> (B, P, D). Why: at a small scale the layer-normed targets are mostly the
+    position embedding (the same at a given patch in every image), which the predictor reads off its
+    mask tokens: a loss near 0 that teaches nothing about the image (docs/learning.md). Subtracting the
+    per-position mean over images takes that part out of the target; dividing by the spread keeps a
+    target encoder that is close to collapse from giving a near-zero target."""
+    sums = torch.stack([targets.sum(0), targets.square().sum(0)])  # (2, P, D)
+    count = torch.tensor([float(targets.shape[0])], device=targets.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    mean = sums[0] / count  # (P, D)
+    var = (sums[1] / count - mean.square()).clamp_min(0)  # (P, D)
+    return (targets - mean) * torch.rsqrt(var + eps)  # (B, P, D)
 
 
 def make_plan(regions, lam, generator, grid, args, batch_size, device):

@@ -193,6 +193,28 @@ def test_split_step_has_the_same_loss_and_gradients(method, lam):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_target_norm_batch_standardises_each_position_and_channel_over_the_images():
+    """--target-norm batch: the layer-normed targets, then per (patch, channel) mean 0 / std 1 over the
+    batch's images, against a plain loop; the default (layer) is I-JEPA's target, untouched."""
+    args = config.parse_args(TINY)
+    torch.manual_seed(0)
+    tgt_enc = train.build_models(args)[2]
+    images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer = train.make_targets(tgt_enc, images, args)[0]  # (B, P, D)
+        batch = train.make_targets(tgt_enc, images, config.parse_args(TINY + ["--target-norm", "batch"]))[0]
+        h = tgt_enc.features(images, layers=(-1,))[0].float()  # (B, P, D)
+    assert torch.equal(layer, torch.nn.functional.layer_norm(h, (h.shape[-1],)))
+    B, P, D = layer.shape
+    for p in range(P):
+        for d in range(0, D, 7):
+            col = [float(layer[b, p, d]) for b in range(B)]
+            mean = sum(col) / B
+            var = sum((x - mean) ** 2 for x in col) / B
+            want = [(x - mean) / math.sqrt(var + 1e-6) for x in col]
+            assert batch[:, p, d].tolist() == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
 def test_pack_splits_one_is_the_single_padded_batch_exactly():
     """--pack-splits 1 runs the step on the one padded plan, bit for bit as before the split existed."""
     args = config.parse_args(TINY + ["--img-size", "32", "--pack-splits", "1"])
@@ -396,6 +418,34 @@ def test_end_process_runs_the_exit_hooks_flushes_and_keeps_its_code():
             "atexit.register(lambda: print('hook ran')); print('buffered', end=' '); plumbing.end_process(3)" % ROOT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3 and out.stdout == "buffered hook ran\n", (out.returncode, out.stdout, out.stderr)
+
+
+STANDARDISE_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    import train
+    t = torch.randn(8, 5, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1  # (B, P, D)
+    dist.init_process_group("gloo")
+    r = dist.get_rank()
+    mine = train.standardise_over_images(t[4 * r:4 * r + 4])  # (4, P, D), statistics of all 8 images
+    parts = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(parts, mine)
+    if r == 0:
+        torch.save(torch.cat(parts), sys.argv[1])
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_target_norm_batch_uses_the_global_batch_under_two_processes(tmp_path):
+    """Two gloo processes with half a batch each standardise with the statistics of the whole batch: the
+    same targets as one process holding all of it."""
+    script, out = tmp_path / "standardise.py", tmp_path / "two.pt"
+    script.write_text(STANDARDISE_SCRIPT.format(root=ROOT))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                    str(script), str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    t = torch.randn(8, 5, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    assert torch.allclose(torch.load(out), train.standardise_over_images(t), atol=1e-5)
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path):

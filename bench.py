@@ -229,7 +229,7 @@ def step_overhead(args, extra):
     step's token counts would pair unlike work (it did, in the alternating order used before).
     The full step is train.main's: the next batch from the loader, train_step (targets + saliency,
     plan, sub-batches, masks), backward, loss.item(), AdamW, EMA, at lambda 0.5 (the middle of the
-    curriculum: half the samples DSeq plans); plain_step gets that step's real tokens per image."""
+    curriculum: half the samples DSeq plans; 0 under --method ijepa); plain_step gets that step's real tokens per image."""
     out = {"rounds": args.steps, "overhead_ratio": {}, "settings": {}}
     for name in args.overhead_settings:
         flags = OVERHEAD_SETTINGS[name]
@@ -242,6 +242,7 @@ def step_overhead(args, extra):
         loader = data.build_train_loader(targs, targs.batch_size, 0, 1, device)
         gen = torch.Generator(device=device).manual_seed(targs.seed)
         batches = iter(())
+        lam = 0.0 if targs.method == "ijepa" else 0.5  # --method ijepa: its own plans only (train.py's lambda)
 
         def full():
             nonlocal batches
@@ -250,7 +251,7 @@ def step_overhead(args, extra):
                 loader.set_epoch(0)
                 batches = (x for x, _ in loader)
                 images = next(batches)
-            loss, plan, stats = train.train_step(models, images, 0.5, targs, gen, nullcontext())
+            loss, plan, stats = train.train_step(models, images, lam, targs, gen, nullcontext())
             loss.backward()
             loss.item()
             optimizer.step()

@@ -163,3 +163,24 @@ def test_step_overhead_pairs_each_plain_step_with_its_own_full_step(monkeypatch)
     assert plain_tokens == full_tokens  # warm-up pair + 5 rounds, each plain on its own full's tokens
     s = out["settings"]["toy"]
     assert len(s["ratio_per_round"]) == 5 and out["overhead_ratio"]["toy"] > 0 and s["ratio_of_medians"] > 0
+
+
+def test_step_overhead_times_ijepa_at_lambda_zero(monkeypatch):
+    """--step-overhead --method ijepa times I-JEPA's own step (lambda 0, no saliency); at the DSeq
+    default's lambda 0.5 make_plan would need regions that an I-JEPA run never computes."""
+    tiny = ["--dataset", "synthetic", "--model", "micro", "--pred-dim", "32", "--pred-depth", "2", "--batch-size", "8",
+            "--num-train", "32", "--alpha", "0.1", "--device", "cpu", "--num-workers", "0", "--compile", "off"]
+    monkeypatch.setattr(bench, "OVERHEAD_SETTINGS", {"toy": tiny})
+    lams, real_step = [], bench.train.train_step
+
+    def spy_step(models, images, lam, *a, **k):
+        lams.append(lam)
+        return real_step(models, images, lam, *a, **k)
+
+    monkeypatch.setattr(bench.train, "train_step", spy_step)
+    threads = torch.get_num_threads()
+    try:
+        out = bench.step_overhead(bench.get_parser().parse_args(["--steps", "2"]), ["--method", "ijepa"])
+    finally:
+        torch.set_num_threads(threads)
+    assert lams == [0.0, 0.0, 0.0] and out["overhead_ratio"]["toy"] > 0  # warm-up + 2 rounds

@@ -119,14 +119,19 @@ def dist_info():
     return 0, 1
 
 
-def fail_together(message):
-    """fail(message) on every rank at once, for an error all ranks learnt from one from_rank0: leave the
-    process group first (a barrier, then its teardown), or a rank's exit can abort a peer whose gloo
-    threads are still alive ("terminate called without an active exception", exit -6 instead of 2: the
-    held-folder test under two processes, once in one full suite run). train.main ends the same way."""
+def leave_group():
+    """Every rank, together: a barrier, then the process group's teardown (nothing in a world of one). A
+    rank that exits while a peer still works can abort the peer's gloo threads ("terminate called without
+    an active exception", exit -6: the held-folder test under two processes, once in a full suite run)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank is here (they all got the same message), so this cannot hang
+        dist.barrier()  # callers are points every rank reaches, so this cannot hang
         dist.destroy_process_group()
+
+
+def fail_together(message):
+    """fail(message) on every rank at once, for an error all ranks learnt from one from_rank0, after
+    leaving the process group (leave_group). train.run ends through leave_group too."""
+    leave_group()
     fail(message)
 
 

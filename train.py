@@ -13,9 +13,9 @@ The step (train_step below) reads top to bottom as the paper:
   5. smooth-L1 loss on layer-normed targets (fp32)
   6. backward + AdamW step (train loop)
   7. EMA update of the target encoder
-Schedules (lr, wd, EMA momentum, lambda) are pure functions of the global step, so resuming needs
-only the step. Only rank 0 logs and writes. The flags, checkpoints and devices are config.py's (shared
-with evaluate.py), the processes and the output folder plumbing.py's: this file is the method and the loop.
+Schedules (lr, wd, EMA momentum, lambda) are pure functions of the global step: resuming needs only
+the step. Only rank 0 logs and writes. Flags, checkpoints, devices: config.py (shared with evaluate.py);
+processes and the output folder: plumbing.py. This file is the method and the loop.
 """
 
 import copy
@@ -93,13 +93,10 @@ def make_optimizer(encoder, predictor, args):
 
 def make_targets(target_encoder, images, args):
     """Step 1: regression targets and discriminative regions, from the EMA target encoder.
-
-    images: (B, 3, H, W) -> targets (B, P, D) fp32, regions (B, P) int64 or None, stats dict
-    """
+    images: (B, 3, H, W) -> targets (B, P, D) fp32, regions (B, P) int64 or None, stats dict"""
     z_sal, h = target_encoder.features(images, layers=(args.saliency_layer, -1))  # (B, P, D) x 2
     targets = F.layer_norm(h.float(), (h.shape[-1],))  # (B, P, D), the I-JEPA target
-    if args.target_norm == "batch":
-        targets = standardise_over_images(targets)  # (B, P, D)
+    targets = standardise_over_images(targets) if args.target_norm == "batch" else targets  # (B, P, D)
     # Collapse signal: spread of the pooled representation across images (-> 0 if collapsed).
     stats = {"target_std": h.float().mean(1).std(0).mean()}
     regions = None
@@ -114,22 +111,14 @@ def make_targets(target_encoder, images, args):
 
 
 def standardise_over_images(targets, eps=1e-6):
-    """--target-norm batch: every (patch position, channel) of the targets at mean 0 and std 1 over the
-    images of the global batch (all ranks: one all_reduce of the sums).
-
-    targets: (B, P, D) fp32 -> (B, P, D). Why: at a small scale the layer-normed targets are mostly the
-    position embedding (the same at a given patch in every image), which the predictor reads off its
-    mask tokens: a loss near 0 that teaches nothing about the image (docs/learning.md). Subtracting the
-    per-position mean over images takes that part out of the target; dividing by the spread keeps a
-    target encoder that is close to collapse from giving a near-zero target."""
-    sums = torch.stack([targets.sum(0), targets.square().sum(0)])  # (2, P, D)
-    count = torch.tensor([float(targets.shape[0])], device=targets.device)
+    """--target-norm batch: targets (B, P, D) fp32, each (patch, channel) at mean 0 / std 1 over the global
+    batch's images. Removes what a target shares with its position in every image: at a small scale mostly
+    the position embedding, which the predictor reads off its mask tokens for free (docs/learning.md)."""
+    s = torch.stack([targets.sum(0), targets.square().sum(0), torch.full_like(targets[0], targets.shape[0])])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(count)
-    mean = sums[0] / count  # (P, D)
-    var = (sums[1] / count - mean.square()).clamp_min(0)  # (P, D)
-    return (targets - mean) * torch.rsqrt(var + eps)  # (B, P, D)
+        dist.all_reduce(s)  # (3, P, D): sums, sums of squares, image counts over all ranks
+    mean = s[0] / s[2]  # (P, D)
+    return (targets - mean) * torch.rsqrt((s[1] / s[2] - mean.square()).clamp_min(0) + eps)  # (B, P, D)
 
 
 def make_plan(regions, lam, generator, grid, args, batch_size, device):
@@ -329,15 +318,12 @@ def run(args, rank, world, local_rank):
     if steps_per_epoch == 0:
         config.fail(f"the training set has fewer than one batch of {per_step * args.accum_steps} images per "
                     f"process; lower --batch-size")
-    total = args.epochs * steps_per_epoch
-    warmup = round(args.warmup_epochs * steps_per_epoch)
+    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
 
     # --- models, optimizer, plan generator. Every rank builds the same three networks from --seed:
     # DDP broadcasts the encoder and predictor from rank 0, but nothing broadcasts the EMA target encoder.
     torch.manual_seed(args.seed)
-    models = build_models(args)
-    for m in models:
-        m.to(device)
+    models = tuple(m.to(device) for m in build_models(args))  # Module.to moves in place, returns the module
     encoder, predictor, target_encoder = models
     optimizer = make_optimizer(encoder, predictor, args)
     # What must differ per process comes from seed + rank: the plans (and any numpy / python draws).
@@ -371,11 +357,11 @@ def run(args, rank, world, local_rank):
     if step == 0 and args.knn_every:  # the untrained target encoder: the random-init level of the curve
         knn_monitor(target_encoder, args, device, step, epoch, log, master)
     t_last = time.perf_counter()
-    # Host syncs on CUDA: one per step, the plan's (masking._pack). The loss and its finiteness stay
-    # on the device until a check step: a log or checkpoint step, the last one, or (one process) a
-    # stop signal; on the CPU every step (nothing to wait for). Every rank knows these steps in
-    # advance, so they agree there (config.agree_to_stop): under torchrun a signal waits for the next
-    # one. first_bad keeps the first non-finite loss until read: caught before any checkpoint.
+    # Host syncs on CUDA: one per step, the plan's (masking._pack). The loss and its finiteness stay on
+    # the device until a check step: a log or checkpoint step, the last one, or (one process) a stop
+    # signal; on the CPU every step. Every rank knows these steps in advance, so they agree there
+    # (config.agree_to_stop; under torchrun a signal waits for the next). first_bad keeps the first
+    # non-finite loss until read: caught before any checkpoint.
     first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # (step, loss) of it
     stop = False  # agreed by all ranks at check steps, never a rank-local decision
     while step < stop_at and not stop:
@@ -453,9 +439,7 @@ def run(args, rank, world, local_rank):
         end_of_run(target_encoder, args, device, step, epoch, log, master)
     log.close()
     plumbing.check_writes()  # a failed write of the last steps (the log, a picture) stops every rank alike
-    if world > 1:  # all ranks reach here before any tears gloo down: rank 0's end-of-run kNN runs
-        dist.barrier()  # alone, and a peer that exits mid-teardown can abort the others' gloo threads
-        dist.destroy_process_group()
+    plumbing.leave_group()  # every rank gets here before any tears gloo down (rank 0's last kNN runs alone)
     return step
 
 

@@ -111,8 +111,8 @@ def make_targets(target_encoder, images, args):
 
 
 def standardise_over_images(targets, eps=1e-6):
-    """--target-norm batch: targets (B, P, D) fp32, each (patch, channel) at mean 0 / std 1 over the global
-    batch's images. Removes what a target shares with its position in every image: at a small scale mostly
+    """--target-norm batch: targets (B, P, D) fp32, each (patch, channel) at mean 0 / std 1 over the images
+    of this micro-batch on all ranks. Removes what a target shares with its position in every image: at a small scale mostly
     the position embedding, which the predictor reads off its mask tokens for free (docs/learning.md)."""
     s = torch.stack([targets.sum(0), targets.square().sum(0), torch.full_like(targets[0], targets.shape[0])])
     if dist.is_available() and dist.is_initialized():

@@ -1,6 +1,6 @@
 """The supervised reference: what the demo's encoder reaches on the demo's data when it is told the labels.
 
-    python scripts/supervised_bound.py --json results/shapes/supervised_bound.json [train.py flags]
+    python scripts/supervised_bound.py --json results/shapes/supervised_bound-seed0.json --seed 0 [train.py flags]
 
 Self-supervised numbers alone cannot say whether a budget is too small or an objective too weak. This
 trains the same encoder (train.py's flags build it: the demo preset unless told otherwise) with a
@@ -53,7 +53,8 @@ def main(argv=None):
             images, labels = images.to(device), labels.to(device)
             for g in opt.param_groups:
                 g["lr"] = train.lr_at(step, args, total, warmup)  # the pretraining run's schedule
-            logits = head(encoder.features(images)[0].mean(1))  # (B, P, D) -> (B, D) -> (B, classes)
+            pooled = evaluate.pooled_features(encoder, images, ["last"])["last"]  # (B, D): what the kNN reads
+            logits = head(pooled)  # (B, classes)
             loss = F.cross_entropy(logits, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()

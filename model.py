@@ -101,22 +101,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, packed=None):
         """x: (B, L, C); mask: (B, L, L) bool, its attention_bias (B, 1, L, L) (what the encoder and
         the predictor pass: built once per pass), or None (everything attends to everything).
+        packed: None, or a Packed: then x is (T, C), the real tokens of all its segments one after
+        the other, and mask is a list, one bias (or None) per segment; each segment is laid out as its
+        own (B, L) batch for the attention alone and the result comes back packed, (T, C).
 
         mask=None is the fast path: without a mask, scaled_dot_product_attention may take the
         flash kernel on a GPU. The target encoder's full-image pass and evaluation always run it,
         the context encoder when its plan is one level without padding (masking.Plan.ctx_full);
         the predictor always needs the level rule (context never sees targets)."""
-        B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads)  # (B, L, 3, H, C/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, C/H)
+        qkv = self.qkv(x)  # (B, L, 3C), or (T, 3C) packed
+        if packed is None:
+            return self.proj(self._attend(qkv, mask))
+        parts = [self._attend(packed.unpack(q, s), m) for s, (q, m) in enumerate(zip(packed.split(qkv), mask))]
+        return self.proj(torch.cat([packed.pack(y, s) for s, y in enumerate(parts)]))  # (T, C)
+
+    def _attend(self, qkv, mask):
+        """qkv (B, L, 3C), mask: a bias (B, 1, L, L), a bool (B, L, L) or None -> (B, L, C)."""
+        B, L, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, C/H)
         if mask is not None:  # (B, 1, L, L), broadcast over heads
             mask = mask[:, None] if mask.dtype == torch.bool else mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, C/H)
-        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
-        return self.proj(y)
+        return y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
 
 
 class MLP(nn.Module):
@@ -139,9 +148,67 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x, mask=None, packed=None):
+        """x: (B, L, C), or (T, C) packed (Attention); everything but the attention is per token."""
+        x = x + self.attn(self.norm1(x), mask, packed)
         return x + self.mlp(self.norm2(x))
+
+
+class Packed:
+    """Padding-free layout of one or more padded batches (segments, e.g. a plan's sub-batches) for ONE
+    pass: the residual stream holds only their T real tokens, (T, C), so every per-token op
+    (LayerNorm, the qkv / proj / MLP matmuls, GELU) runs once over all of them and computes no
+    padding; only the attention sees each segment's own (B_s, L_s) layout (Attention).
+
+    Why: on a CPU a small model's step is bound by the number of ops more than by FLOPs (the demo:
+    ~1.1k aten ops forward and ~1.9k backward per pass of both networks, whatever its rows), so
+    the sub-batches that save padding cost a pass each; packed, they cost one pass plus a few ops per
+    segment and block. Used in eager mode on a CPU only: torch.compile wants static shapes, and T
+    is known only after a host sync (nonzero), the one thing a GPU step avoids. Real tokens' outputs
+    are those of the padded passes up to the order of float sums (tests/test_model.py); padding
+    slots come out as zeros."""
+
+    DEVICES = ("cpu",)
+    # Widest network that packs. A wider one is bound by FLOPs, not ops, and the copies packing adds
+    # (each segment's (B_s * L_s, 3C) layout for the attention, and back) cost more than the padding and
+    # passes saved. Side A/B runs, interleaved in one process on the 2-core CPU (docs/performance.md): the
+    # demo (width 96, predictor 64) 1.29 vs 1.37 x its tokens packed vs not, ViT-T/16 at 224 px (width 192) 1.29 vs 1.19.
+    MAX_WIDTH = 128
+
+    @staticmethod
+    def wanted(x, width):
+        """Pack passes of a network `width` wide on x's device? (never while torch.compile traces)"""
+        return x.device.type in Packed.DEVICES and width <= Packed.MAX_WIDTH and not torch.compiler.is_compiling()
+
+    def __init__(self, levels):
+        """levels: list of (B_s, L_s) int64, one per segment, 0 = padding."""
+        self.shapes = [lv.shape for lv in levels]
+        # (T_s,) flat positions of segment s's real tokens; None = no padding (take all, no copy)
+        self.keep = [None if bool((lv > 0).all()) else lv.flatten().nonzero().squeeze(1) for lv in levels]
+        self.counts = [lv.numel() if k is None else len(k) for lv, k in zip(levels, self.keep)]
+
+    def pack(self, x, s):
+        """Segment s's (B_s, L_s, C) -> (T_s, C) real tokens."""
+        return x.flatten(0, 1) if self.keep[s] is None else x.flatten(0, 1)[self.keep[s]]
+
+    def unpack(self, x, s):
+        """Segment s's (T_s, C) -> (B_s, L_s, C), zeros at its padding slots."""
+        B, L = self.shapes[s]
+        if self.keep[s] is None:
+            return x.view(B, L, -1)
+        return x.new_zeros(B * L, x.shape[-1]).index_copy(0, self.keep[s], x).view(B, L, -1)
+
+    def split(self, x):
+        """(T, C) -> the segments' (T_s, C) pieces."""
+        return x.split(self.counts)
+
+    def run(self, blocks, norm, xs, masks):
+        """xs: list of (B_s, L_s, C) padded inputs, masks: their attention biases -> list of
+        (B_s, L_s, C) = norm(blocks(x)) per segment, computed as one packed pass."""
+        t = torch.cat([self.pack(x, s) for s, x in enumerate(xs)])  # (T, C)
+        for block in blocks:
+            t = block(t, masks, self)
+        return [self.unpack(y, s) for s, y in enumerate(self.split(norm(t)))]
 
 
 def init_weights(module, blocks):
@@ -221,19 +288,36 @@ class VisionTransformer(nn.Module):
         levels: (B, L) levels of those tokens under the level rule, 0 = padding (None = everything
         visible to everything, the plain ViT).
         returns (B, L, D) patch outputs after the final LayerNorm, CLS stripped.
+        Sub-batches in one pass: x, idx and levels lists (one entry per sub-batch; a levels entry
+        None = no mask, no padding) -> a list of outputs (Packed; on a GPU one padded pass each).
         """
-        t = self.embed(x, idx)  # (B, 1 + L, D)
-        mask = None
-        if levels is not None:
-            # CLS is a level-1 context token: later regions cannot leak into level 1 through it.
-            cls_level = torch.ones_like(levels[:, :1])  # (B, 1)
-            lv = torch.cat([cls_level, levels], dim=1)  # (B, 1 + L)
-            no_group = torch.zeros_like(lv)
-            mask = level_mask(lv, no_group, torch.zeros_like(lv, dtype=torch.bool))  # (B, 1+L, 1+L)
-            mask = attention_bias(mask)  # (B, 1, 1+L, 1+L), once for every block
+        if isinstance(x, (list, tuple)):
+            return self._forward_parts(x, idx, levels)
+        t, lv, mask = self._tokens(x, idx, levels)  # (B, 1 + L, D), (B, 1 + L), bias
+        if lv is not None and Packed.wanted(lv, self.embed_dim):  # only the real tokens go through the blocks
+            return Packed([lv]).run(self.blocks, self.norm, [t], [mask])[0][:, 1:]  # (B, L, D), zeros at padding
         for block in self.blocks:
             t = block(t, mask)
         return self.norm(t)[:, 1:]  # (B, L, D)
+
+    def _tokens(self, x, idx, levels):
+        """A pass's inputs: tokens (B, 1 + L, D), their levels with CLS (B, 1 + L) or None, and the
+        level rule's attention bias (B, 1, 1 + L, 1 + L) or None (levels None: no mask)."""
+        t = self.embed(x, idx)  # (B, 1 + L, D)
+        if levels is None:
+            return t, None, None
+        # CLS is a level-1 context token: later regions cannot leak into level 1 through it.
+        lv = torch.cat([torch.ones_like(levels[:, :1]), levels], dim=1)  # (B, 1 + L)
+        no_group = torch.zeros_like(lv)
+        mask = level_mask(lv, no_group, torch.zeros_like(lv, dtype=torch.bool))  # (B, 1+L, 1+L)
+        return t, lv, attention_bias(mask)  # (B, 1, 1+L, 1+L), once for every block
+
+    def _forward_parts(self, xs, idxs, levels):
+        if not Packed.wanted(xs[0], self.embed_dim):
+            return [self(x, i, lv) for x, i, lv in zip(xs, idxs, levels)]
+        ts, lvs, masks = zip(*(self._tokens(x, i, lv) for x, i, lv in zip(xs, idxs, levels)))
+        lvs = [torch.ones(t.shape[:2], dtype=torch.long, device=t.device) if lv is None else lv for t, lv in zip(ts, lvs)]
+        return [y[:, 1:] for y in Packed(lvs).run(self.blocks, self.norm, ts, masks)]  # each (B_s, L_s, D)
 
     def features(self, x, layers=(-1,)):
         """Full-image outputs of chosen blocks, each passed through the final LayerNorm.
@@ -283,8 +367,26 @@ class Predictor(nn.Module):
         and levels; tgt_idx, tgt_lvl, tgt_grp: (R, Lt) target patch indices, levels, groups
         (level 0 = padding, as everywhere).
         returns (R, Lt, D) one prediction per target token.
+        Sub-batches in one pass: every argument a list (one entry per sub-batch) -> a list of
+        predictions (Packed; on a GPU one padded pass each).
         """
-        R, Lc = ctx_idx.shape
+        if isinstance(ctx, (list, tuple)):
+            args = list(zip(ctx, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp))
+            if not Packed.wanted(ctx[0], self.pred_dim):
+                return [self(*a) for a in args]
+            xs, levels, masks = zip(*(self._tokens(*a) for a in args))
+            outs = Packed(levels).run(self.blocks, self.norm, xs, masks)  # each (R_s, Lc_s + Lt_s, Dp)
+            return [self.predictor_proj(y[:, a[1].shape[1]:]) for y, a in zip(outs, args)]  # each (R_s, Lt_s, D)
+        x, levels, mask = self._tokens(ctx, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp)
+        Lc = ctx_idx.shape[1]
+        if Packed.wanted(levels, self.pred_dim):  # only the real tokens go through the blocks (Packed)
+            return self.predictor_proj(Packed([levels]).run(self.blocks, self.norm, [x], [mask])[0][:, Lc:])  # (R, Lt, D)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.predictor_proj(self.norm(x[:, Lc:]))  # (R, Lt, D)
+
+    def _tokens(self, ctx, ctx_idx, ctx_lvl, tgt_idx, tgt_lvl, tgt_grp):
+        """A pass's inputs: tokens (R, Lc + Lt, Dp), their levels (R, Lc + Lt), the level rule's bias."""
         pos = self.pos_embed[0]  # (P, Dp)
         c = self.predictor_embed(ctx) + pos[ctx_idx]  # (R, Lc, Dp)
         t = self.mask_token + pos[tgt_idx]  # (R, Lt, Dp)
@@ -293,10 +395,7 @@ class Predictor(nn.Module):
         groups = torch.cat([torch.zeros_like(ctx_lvl), tgt_grp], dim=1)  # (R, Lc + Lt)
         is_target = torch.cat([torch.zeros_like(ctx_lvl, dtype=torch.bool),
                                torch.ones_like(tgt_lvl, dtype=torch.bool)], dim=1)  # (R, Lc + Lt)
-        mask = attention_bias(level_mask(levels, groups, is_target))  # (R, 1, Lc + Lt, Lc + Lt)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.predictor_proj(self.norm(x[:, Lc:]))  # (R, Lt, D)
+        return x, levels, attention_bias(level_mask(levels, groups, is_target))  # bias (R, 1, Lc + Lt, Lc + Lt)
 
 
 # ----------------------------------------------------------------------------------------------

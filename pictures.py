@@ -24,6 +24,7 @@ Imports the bottom layer only (data, masking, saliency): evaluate.py and train.p
 """
 
 import argparse
+import json
 import math
 import os
 
@@ -325,3 +326,17 @@ def learning_panels(rows, levels, label="trained", colour=COLOURS["dseq"]):
     return [{"title": "held-out kNN top-1 (%), target encoder", "series": [(label, colour, knn)], "levels": levels},
             {"title": "target_std (spread of pooled targets; -> 0 = collapse)", "series": [(label, colour, std)],
              "log": True}]
+
+
+def learning_picture(out_dir, method, pixels):
+    """OUT_DIR/learning.png from OUT_DIR/metrics.jsonl (train.py's end of run): kNN and target_std
+    against step, beside the random-init level (step 0's kNN) and raw pixels' kNN (pixels).
+    Returns (path, the metrics rows, the levels drawn as (label, colour, value))."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    levels = [("raw pixels", COLOURS["pixels"], pixels)]
+    start = [r["knn_top1"] for r in rows if r.get("step") == 0 and "knn_top1" in r]
+    if start:
+        levels.insert(0, ("random init (step 0)", COLOURS["random"], start[-1]))
+    colour = COLOURS["ijepa" if method == "ijepa" else "dseq"]
+    return chart(learning_panels(rows, levels, method, colour), os.path.join(out_dir, "learning.png")), rows, levels

@@ -138,22 +138,29 @@ def jepa_loss(encoder, predictor, images, targets, plan):
     returns the smooth-L1 loss, mean over real target tokens and channels (fp32). A list of
     sub-plans gives the same mean: the sum of every sub-plan's per-token losses over the total
     number of real target tokens (not a mean of sub-plan means, which would weigh short rows up).
+    Sub-plans run as ONE pass of each network where model.Packed packs them (a CPU, eager: fewer
+    ops), else one pass each (a compiled graph per sub-plan shape).
     """
-    sums, counts = zip(*(_loss_sum(encoder, predictor, images, targets, p)
-                         for p in (plan if isinstance(plan, list) else [plan])))
+    parts = plan if isinstance(plan, list) else [plan]
+    # One row per image (R = B) means sample = arange(B): skip the copy. Replicate rows repeat images.
+    xs = [images if p.sample.shape[0] == images.shape[0] else images[p.sample] for p in parts]  # (R, 3, H, W) each
+    fields = [[getattr(p, f) for p in parts] for f in ("ctx_idx", "ctx_lvl", "tgt_idx", "tgt_lvl", "tgt_grp")]
+    # 3. context encoder: only the plan's context patches, block-causal over levels (no mask at all
+    # when a row set is one level without padding: the flash-attention fast path on a GPU)
+    # 4. predictor: one mask token per target position, sees what the level rule allows
+    if len(parts) > 1 and vit.Packed.wanted(images, targets.shape[-1]) and not hasattr(encoder, "_orig_mod"):  # eager (not compiled)
+        ctx = encoder(xs, fields[0], [None if p.ctx_full else p.ctx_lvl for p in parts])  # (R_s, Lc_s, D) each
+        preds = predictor(ctx, *fields)  # (R_s, Lt_s, D) each
+    else:
+        preds = [predictor(encoder(x, p.ctx_idx, None if p.ctx_full else p.ctx_lvl), *f)
+                 for x, p, *f in zip(xs, parts, *fields)]
+    sums, counts = zip(*(_scored(targets, p, pred) for p, pred in zip(parts, preds)))
     return torch.stack(sums).sum() / torch.stack(counts).sum()
 
 
-def _loss_sum(encoder, predictor, images, targets, plan):
-    """Steps 3-5 of jepa_loss for one plan: (sum of per-token losses, number of real target tokens)."""
-    # One row per image (R = B) means sample = arange(B): skip the copy. Replicate rows repeat images.
-    x = images if plan.sample.shape[0] == images.shape[0] else images[plan.sample]  # (R, 3, H, W)
-    # 3. context encoder: only the plan's context patches, block-causal over levels (no mask at
-    # all when every row is one level without padding: the flash-attention fast path on a GPU)
-    ctx = encoder(x, plan.ctx_idx, None if plan.ctx_full else plan.ctx_lvl)  # (R, Lc, D)
-    # 4. predictor: one mask token per target position, sees what the level rule allows
-    pred = predictor(ctx, plan.ctx_idx, plan.ctx_lvl, plan.tgt_idx, plan.tgt_lvl, plan.tgt_grp)  # (R, Lt, D)
-    # 5. loss against the target encoder's features at the target positions
+def _scored(targets, plan, pred):
+    """5. loss for one plan: pred (R, Lt, D) against the target encoder's features at the target
+    positions -> (sum of per-token losses, number of real target tokens)."""
     tgt = targets[plan.sample[:, None], plan.tgt_idx]  # (R, Lt, D) in one gather, no (R, P, D) copy first
     per_token = F.smooth_l1_loss(pred.float(), tgt, reduction="none", beta=1.0).mean(-1)  # (R, Lt)
     real = (plan.tgt_lvl > 0).float()  # (R, Lt), padding is not scored
@@ -472,15 +479,7 @@ def end_of_run(target_encoder, args, device, step, epoch, log, master):
         pixels = evaluate.knn_monitor(None, args, device)["top1"]
     if master and args.picture:
         with plumbing.writing(args.out_dir):  # a picture that cannot be written: one line naming it
-            with open(os.path.join(args.out_dir, "metrics.jsonl")) as f:
-                rows = [json.loads(line) for line in f]
-            levels = [("raw pixels", pictures.COLOURS["pixels"], pixels)]
-            start = [r["knn_top1"] for r in rows if r.get("step") == 0 and "knn_top1" in r]
-            if start:
-                levels.insert(0, ("random init (step 0)", pictures.COLOURS["random"], start[-1]))
-            method = "ijepa" if args.method == "ijepa" else "dseq"
-            path = pictures.chart(pictures.learning_panels(rows, levels, args.method, pictures.COLOURS[method]),
-                                  os.path.join(args.out_dir, "learning.png"))
+            path, rows, levels = pictures.learning_picture(args.out_dir, args.method, pixels)
             log.write({"step": step, "pixels_knn": pixels})
             print(f"wrote {path}: kNN {rows[-1].get('knn_top1', float('nan')):.2f} at step {step}, "
                   + ", ".join(f"{label} {v:.2f}" for label, _, v in levels))

@@ -225,6 +225,62 @@ def test_padding_slots_change_no_real_output():
     assert torch.isfinite(out_p).all()
 
 
+def _padded_batch(R, Lc, Lt, nc, nt, seed):
+    """A random plan-like batch on a 4 x 4 grid: rows with nc / nt real context / target tokens first, then padding."""
+    g = torch.Generator().manual_seed(seed)
+    ci = torch.stack([torch.randperm(16, generator=g)[:Lc] for _ in range(R)])  # (R, Lc)
+    ti = torch.stack([torch.randperm(16, generator=g)[:Lt] for _ in range(R)])  # (R, Lt)
+    cl = torch.where(torch.arange(Lc) < torch.tensor(nc)[:, None], torch.randint(1, 4, (R, Lc), generator=g), 0)
+    tl = torch.where(torch.arange(Lt) < torch.tensor(nt)[:, None], 4, 0)  # (R, Lt), 0 = padding
+    tg = torch.where(tl > 0, torch.randint(1, 3, (R, Lt), generator=g), 0)
+    return torch.randn(R, 3, 32, 32, generator=g), ci, cl, ti, tl, tg
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_tokens_give_the_padded_passes_outputs_and_gradients(monkeypatch, fused):
+    """Packed (the CPU's padding-free residual stream) against the padded passes it replaces: every
+    real token's output and every parameter's gradient agree up to float order; padding slots come
+    out zero. fused: two sub-batches (one without padding or mask, as a ctx_full plan) as ONE pass of
+    list arguments. A spy checks that the packed path ran (else the comparison would be vacuous)."""
+    torch.manual_seed(1)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    pred = Predictor(enc.grid, embed_dim=32, pred_dim=16, depth=2, num_heads=2)
+    parts = [_padded_batch(5, 9, 6, [9, 4, 7, 1, 9], [6, 2, 5, 3, 1], 0)]
+    if fused:  # a second sub-batch of other widths whose contexts are full: no levels, no mask
+        x, ci, _, ti, tl, tg = _padded_batch(3, 5, 4, [5, 5, 5], [4, 1, 2], 1)
+        parts.append((x, ci, torch.ones_like(ci), ti, tl, tg))
+    built = []
+    init = model.Packed.__init__
+    monkeypatch.setattr(model.Packed, "__init__", lambda self, lv: (built.append([l.shape for l in lv]), init(self, lv))[1])
+
+    def run(devices):
+        monkeypatch.setattr(model.Packed, "DEVICES", devices)
+        enc.zero_grad(), pred.zero_grad()
+        if fused:
+            ctx = enc([p[0] for p in parts], [p[1] for p in parts], [parts[0][2], None])
+            out = pred(ctx, *[[p[i] for p in parts] for i in range(1, 6)])
+        else:
+            ctx = [enc(*parts[0][:3])]
+            out = [pred(ctx[0], *parts[0][1:])]
+        loss = sum((o * (p[4] > 0)[..., None]).square().sum() + (c * (p[2] > 0)[..., None]).sum()
+                   for o, c, p in zip(out, ctx, parts))
+        loss.backward()
+        grads = [p.grad.clone() for m in (enc, pred) for p in m.parameters() if p.grad is not None]
+        return [c.detach() for c in ctx], [o.detach() for o in out], grads
+
+    ctx_pad, out_pad, g_pad = run(())
+    assert built == []
+    ctx_pk, out_pk, g_pk = run(("cpu",))
+    n = len(parts)
+    assert built == [[(5, 10), (3, 6)][:n], [(5, 15), (3, 9)][:n]]  # encoder (CLS + context), predictor: one pass each
+    for c_pk, c_pad, o_pk, o_pad, p in zip(ctx_pk, ctx_pad, out_pk, out_pad, parts):
+        real_c, real_t = p[2] > 0, p[4] > 0
+        assert c_pk.shape == c_pad.shape and o_pk.shape == o_pad.shape
+        assert close(c_pk[real_c], c_pad[real_c]) and close(o_pk[real_t], o_pad[real_t])
+        assert (c_pk[~real_c] == 0).all()
+    assert len(g_pk) == len(g_pad) and all(close(a, b) for a, b in zip(g_pk, g_pad))
+
+
 # ---------------------------------------------------------------------------------------------
 # Causality of the predictor
 
@@ -272,3 +328,11 @@ def test_gradients_flow_through_the_whole_encoder():
     enc(torch.randn(1, 3, 32, 32), idx, torch.tensor([[1, 2, 2]])).sum().backward()
     assert enc.cls_token.grad.abs().sum() > 0
     assert all(p.grad is not None for p in enc.parameters())
+
+
+def test_packed_only_for_narrow_networks_on_the_cpu(monkeypatch):
+    """The rule model.Packed.wanted states: CPU, width <= MAX_WIDTH (wider nets lost time packed)."""
+    x = torch.zeros(1)
+    assert model.Packed.wanted(x, model.Packed.MAX_WIDTH) and not model.Packed.wanted(x, model.Packed.MAX_WIDTH + 1)
+    monkeypatch.setattr(model.Packed, "DEVICES", ())
+    assert not model.Packed.wanted(x, 8)

@@ -153,6 +153,39 @@ def test_shapes_set_class_is_the_shape_not_the_grey_level():
         data.build_dataset("shapes", num_classes=11)
 
 
+def test_noisy_shapes_is_the_shapes_layout_on_a_flat_field_under_per_pixel_grain():
+    """noisy_shapes (the demo's set): the same objects as "shapes" at the same index (masks equal), a
+    flat field of one level elsewhere before the grain, and grain of std data.GRAIN that is
+    independent between pixels (neighbours uncorrelated: nothing there for one part of the image to
+    predict about another) and a pure function of the image index (item i == tensors()[i],
+    whatever batch drew it)."""
+    plain, _ = data.build_dataset("shapes", img_size=32, synthetic_size=60)
+    noisy, n = data.build_dataset("noisy_shapes", img_size=32, synthetic_size=60)
+    assert n == 10 and noisy.shape_only and noisy.grain == data.GRAIN > 0
+    x, y = noisy.tensors()
+    assert torch.equal(y, plain.tensors()[1])
+    field, resid = [], []
+    for i in range(60):
+        masks = noisy.object_masks(i)
+        assert torch.equal(masks, plain.object_masks(i))
+        assert torch.equal(noisy[i][0], x[i])  # drawn alone == drawn in a batch
+        bg = ~masks.any(0)  # (S, S)
+        v = x[i].float()  # (3, S, S)
+        field.append(v[:, bg].mean())
+        inner = bg[1:, :] & bg[:-1, :]  # vertical neighbour pairs both on the field
+        a, b = v[:, 1:, :][:, inner], v[:, :-1, :][:, inner]
+        resid.append(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+    field, resid = torch.stack(field), torch.stack(resid)
+    assert (field - data._GRAIN_FIELD).abs().max() < 5  # flat: every image's field at one level
+    assert resid.abs().mean() < 0.05  # grain: neighbouring field pixels uncorrelated
+    bg = ~noisy.object_masks(0).any(0)
+    assert abs(x[0].float()[:, bg].std() - data.GRAIN) < 6  # its std (a little clipped at 0)
+    # the plain set's background is smooth: neighbours strongly correlated (the contrast drawn here)
+    v, m = plain.tensors()[0][0].float(), ~plain.object_masks(0).any(0)
+    inner = m[1:, :] & m[:-1, :]
+    assert torch.corrcoef(torch.stack([v[:, 1:, :][:, inner].flatten(), v[:, :-1, :][:, inner].flatten()]))[0, 1] > 0.5
+
+
 # ------------------------------------------------------------------ files on disk
 
 def test_cifar10_and_cifar100(tmp_path):

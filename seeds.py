@@ -2,7 +2,7 @@
 Numbers with error bars: pretrain + evaluate named configurations over several seeds, then write
 the mean +- std table.
 
-    python seeds.py --table demo --seeds 0 1 2                          # the README's demo table (the shapes set)
+    python seeds.py --table demo --seeds 0 1 2                          # the README's demo table (the noisy_shapes set)
     python seeds.py --table ablations --seeds 0 1 2                     # flat / order / replicate on the demo
     python seeds.py --table fmnist --seeds 0 1 --data-path ~/data/fmnist   # the Fashion-MNIST table
     python seeds.py --config my_table.json --seeds 0 1 2 --table mine   # your own configurations
@@ -52,7 +52,7 @@ FMNIST_MODEL = ["--preset", "fashion-mnist-tiny", "--data-path", "{data}", "--mo
 PROBE = ["--probe-whiten"]
 ABLATION_EVAL = ["--eval", "knn,linear,regions", *PROBE]  # regions: at the run's own alpha
 TABLES = {
-    "demo": {  # python train.py (the demo preset), 6 epochs on the synthetic set
+    "demo": {  # python train.py (the demo preset), 6 epochs on noisy_shapes
         "dseq-causal": {"train": ["--num-workers", "0"], "eval": ["--eval", "knn,linear,picture", *PROBE]},
         "dseq-replicate": {"train": ["--num-workers", "0", "--dseq-pass", "replicate"],
                            "eval": ["--eval", "knn,linear,picture", *PROBE]},

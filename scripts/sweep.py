@@ -63,6 +63,9 @@ def main():
                "knn_curve": [[s, knn[s]] for s in steps], "steps": steps[-1],
                "loss_end": train[-1]["loss"] if train else None,
                "target_std_end": train[-1].get("target_std") if train else None,
+               # ranked regions R_1..R_{N-1} per image, mean of the last 5 logged steps (DSeq's sequences)
+               "ranked_regions_end": (sum(r["ranked_regions"] for r in train[-5:]) / len(train[-5:])
+                                      if train and "ranked_regions" in train[-1] else None),
                "wall_s": round(time.time() - t0, 1) if trained else old.get("wall_s")}
         out["runs"][name] = row
         print(f"[sweep] {name}: kNN {row['knn_step0']:.1f} -> {row['knn_end']:.1f} (gap {row['gap']:+.1f}), "

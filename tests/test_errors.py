@@ -103,7 +103,7 @@ def test_help_shows_the_demo_defaults_and_the_script_name():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert out.startswith("usage: train.py")
     text = " ".join(out.split())  # argparse wraps lines
-    assert "(paper: 224; 448 for ViT-H) (default: 32)" in text  # the demo's 32 px, not the paper's 224
+    assert "(paper: 224; 448 for ViT-H) (default: 64)" in text  # the demo's 64 px, not the paper's 224
     assert "(default: None)" not in text and "per-image PIL crops in the DataLoader) (default: auto)" in text
     assert "(default: out/PRESET" in text
 

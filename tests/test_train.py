@@ -195,8 +195,8 @@ def test_split_step_has_the_same_loss_and_gradients(method, lam):
 
 def test_target_norm_batch_standardises_each_position_and_channel_over_the_images():
     """--target-norm batch: the layer-normed targets, then per (patch, channel) mean 0 / std 1 over the
-    batch's images, against a plain loop; the default (layer) is I-JEPA's target, untouched."""
-    args = config.parse_args(TINY)
+    batch's images, against a plain loop; layer (I-JEPA's target, every preset but the demo's) is untouched."""
+    args = config.parse_args(TINY + ["--target-norm", "layer"])
     torch.manual_seed(0)
     tgt_enc = train.build_models(args)[2]
     images = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -353,8 +353,9 @@ def test_presets_set_defaults_and_flags_override():
     args = config.parse_args(["--preset", "in1k-vit-base", "--data-path", "x", "--epochs", "3"])
     assert (args.model, args.batch_size, args.img_size, args.epochs) == ("base", 2048, 224, 3)
     demo = config.parse_args([])
-    assert demo.preset == "demo" and demo.dataset == "shapes"
-    assert (demo.lr, demo.patch_init_std, demo.knn_every) == (2e-3, 0.2, 2)
+    assert demo.preset == "demo" and demo.dataset == "noisy_shapes" and (demo.img_size, demo.patch_size) == (64, 8)
+    assert (demo.lr, demo.patch_init_std, demo.knn_every, demo.target_norm) == (2e-3, 0.02, 2, "batch")
+    assert tuple(demo.ema) == (0.996, 1.0)  # the paper's EMA
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def main():
                # ranked regions R_1..R_{N-1} per image, mean of the last 5 logged steps (DSeq's sequences)
                "ranked_regions_end": (sum(r["ranked_regions"] for r in train[-5:]) / len(train[-5:])
                                       if train and "ranked_regions" in train[-1] else None),
+               # share of the samples that followed a DSeq plan (the rest: lambda's coin or < 2 regions)
+               "dseq_share_end": (sum(r["dseq_share"] for r in train[-5:]) / len(train[-5:])
+                                  if train and "dseq_share" in train[-1] else None),
                "wall_s": round(time.time() - t0, 1) if trained else old.get("wall_s")}
         out["runs"][name] = row
         print(f"[sweep] {name}: kNN {row['knn_step0']:.1f} -> {row['knn_end']:.1f} (gap {row['gap']:+.1f}), "

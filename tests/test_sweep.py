@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ("--img-size 16 --patch-size 4 --model micro --pred-dim 32 --pred-depth 2 --batch-size 16 "
         "--num-train 64 --num-val 32 --num-workers 0 --epochs 1 --warmup-epochs 0 --device cpu --alpha 0.1")
@@ -22,7 +24,12 @@ def test_sweep_records_each_variant_and_reuses_finished_runs(tmp_path):
         knn = {r["step"]: r["knn_top1"] for r in metrics if "knn_top1" in r}
         assert [s for s, _ in row["knn_curve"]] == sorted(knn) and sorted(knn)[0] == 0 and row["steps"] == 4
         assert row["gap"] == knn[4] - knn[0] and "--lr" in row["command"] and row["wall_s"] > 0
-    assert "--method ijepa" in first["runs"]["b"]["command"]
+        train = [r for r in metrics if "loss" in r][-5:]  # the end statistics: means of the last 5 logged steps
+        for key in ("ranked_regions", "dseq_share"):
+            want = sum(r[key] for r in train) / len(train) if key in train[-1] else None
+            assert row[f"{key}_end"] == (pytest.approx(want) if want is not None else None), (name, key)
+    assert "--method ijepa" in first["runs"]["b"]["command"] and first["runs"]["b"]["ranked_regions_end"] is None
+    assert first["runs"]["b"]["dseq_share_end"] == 0.0 and first["runs"]["a"]["ranked_regions_end"] is not None
     rerun = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     assert "train.py" not in rerun.stdout  # nothing trained again
     assert json.loads(out.read_text())["runs"] == first["runs"]

@@ -100,14 +100,15 @@ _DISTRACTOR_COLOURS = np.array([[150, 50, 190], [30, 170, 190], [235, 235, 235],
                                np.float32)  # purple, teal, white, black
 _N_STROKES = 4  # distractor strokes per image: clutter with edges, but thin and dull
 _N_OBJECTS = 4  # object slots: the class object, two large distractors, one optional small one
-_CELLS = 8  # the layout grid: 8 x 8 cells = the demo's patch grid (32 px / patch 4)
+_CELLS = 8  # the layout grid: 8 x 8 cells = the demo's patch grid (64 px / patch 8)
 _N_LAYOUT = 26  # uniforms _layout consumes per image
 # noisy_shapes: the shapes set's objects on a flat grey field, under independent per-pixel grain.
 # Why grain and not the smooth background: a JEPA learns what one part of an image predicts about
 # another. The smooth noise field and the strokes are predictable from their neighbours, so a tiny
 # run learns them (and kNN stays at the pixels' level, docs/learning.md); grain is predictable from
 # nothing, so the only thing shared between parts of an image is the class shape. Grain still hides
-# the shape from raw pixels and lowers a random encoder (std 40: pixels 39.6, random init 46.7 kNN).
+# the shape from raw pixels and lowers a random encoder (the demo table, results/demo.md: pixel kNN
+# 40.6, random init 56.6, I-JEPA 69.9).
 GRAIN = 40.0  # std of the grain, in pixel levels
 _GRAIN_FIELD = 100.0  # the flat field's level, darker than every object (178-255)
 # Uniform numbers one image consumes: coarse noise 4x4x3, fine noise 8x8x3, strokes (x0, y0, x1,
@@ -523,7 +524,7 @@ class ImageFolder(Dataset):
 @functools.lru_cache(maxsize=4)
 def _built_in(name, split, img_size, size, num_classes, seed):
     """One drawn set per arguments, kept: train.py's kNN monitor opens the same two splits at every
-    check, and drawing them again cost ~5 s of each (7,000 images at 64 px, 2-core CPU). Sets are
+    check, and drawing them again cost seconds of each (7,000 images at 64 px on a 2-core CPU). Sets are
     never modified after drawing, so sharing one object is safe."""
     return SyntheticShapes(split, img_size, size, num_classes, seed, shape_only=name != "synthetic",
                            grain=GRAIN if name == "noisy_shapes" else 0.0)

@@ -221,6 +221,26 @@ def _layout_shapes(q, labels):
     return out
 
 
+def _field_and_strokes(coarse, fine, strokes, xs, ys):
+    """Steps 2-3 of SyntheticShapes._render for the sets without grain. coarse (B, 48), fine (B, 192),
+    strokes (B, 7 * _N_STROKES) uniforms; xs, ys (S, S) pixel centres -> background float (B, 3, S, S)."""
+    B, S = len(coarse), xs.shape[0]
+    # 2. background: two octaves of smooth colour noise, desaturated so the objects pop out
+    up = lambda g, k: F.interpolate(torch.from_numpy(g).view(B, 3, k, k), (S, S), mode="bilinear")
+    bg = (0.7 * up(coarse, 4) + 0.3 * up(fine, 8)).numpy()  # (B, 3, S, S) in [0, 1]
+    grey = bg.mean(1, keepdims=True)  # (B, 1, S, S)
+    img = 60 + 140 * (grey + 0.35 * (bg - grey))  # (B, 3, S, S) in [60, 200]
+    # 3. distractor strokes: pixels within 0.6 px (at S = 32) of a random segment get a dull colour
+    st = strokes.reshape(B, _N_STROKES, 7)
+    ax, ay = st[..., 0, None, None] * S, st[..., 1, None, None] * S  # (B, K, 1, 1)
+    bx, by = st[..., 2, None, None] * S - ax, st[..., 3, None, None] * S - ay
+    t = np.clip(((xs - ax) * bx + (ys - ay) * by) / (bx * bx + by * by + 1e-6), 0, 1)  # (B, K, S, S)
+    on = (xs - ax - t * bx) ** 2 + (ys - ay - t * by) ** 2 < (0.6 * S / 32) ** 2
+    for k in range(_N_STROKES):
+        img = np.where(on[:, k, None], 50 + 150 * st[:, k, 4:7, None, None], img)
+    return img
+
+
 class SyntheticShapes(Dataset):
     """3-4 separated objects on a cluttered, textured background; the class object decides the class.
 
@@ -300,21 +320,10 @@ class SyntheticShapes(Dataset):
         coarse, fine, strokes, layout = np.split(p, _PARAM_SPLITS, axis=1)
         objs = (_layout_shapes if self.shape_only else _layout)(layout, labels)  # (B, 4, 10)
         ys, xs = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, (S, S) each
-        # 2. background: two octaves of smooth colour noise, desaturated so the objects pop out
-        up = lambda g, k: F.interpolate(torch.from_numpy(g).view(B, 3, k, k), (S, S), mode="bilinear")
-        bg = (0.7 * up(coarse, 4) + 0.3 * up(fine, 8)).numpy()  # (B, 3, S, S) in [0, 1]
-        grey = bg.mean(1, keepdims=True)  # (B, 1, S, S)
-        img = 60 + 140 * (grey + 0.35 * (bg - grey))  # (B, 3, S, S) in [60, 200]
-        if self.grain:  # noisy_shapes: a flat field instead (the grain below is all its texture)
-            img = np.full_like(img, _GRAIN_FIELD)
-        # 3. distractor strokes: pixels within 0.6 px (at S = 32) of a random segment get a dull colour
-        st = strokes.reshape(B, _N_STROKES, 7)
-        ax, ay = st[..., 0, None, None] * S, st[..., 1, None, None] * S  # (B, K, 1, 1)
-        bx, by = st[..., 2, None, None] * S - ax, st[..., 3, None, None] * S - ay
-        t = np.clip(((xs - ax) * bx + (ys - ay) * by) / (bx * bx + by * by + 1e-6), 0, 1)  # (B, K, S, S)
-        on = (xs - ax - t * bx) ** 2 + (ys - ay - t * by) ** 2 < (0.6 * S / 32) ** 2
-        for k in range(0 if self.grain else _N_STROKES):
-            img = np.where(on[:, k, None], 50 + 150 * st[:, k, 4:7, None, None], img)
+        if self.grain:  # noisy_shapes: a flat field, no strokes; the grain (step 5) is all its texture
+            img = np.full((B, 3, S, S), _GRAIN_FIELD, np.float32)
+        else:
+            img = _field_and_strokes(coarse, fine, strokes, xs, ys)  # (B, 3, S, S)
         # 4. the objects, in slot order; boxes never overlap, so the order does not matter
         cell = S / _CELLS  # pixels per layout cell
         masks = np.zeros((B, _N_OBJECTS, S, S), bool)

@@ -35,6 +35,12 @@ def read_metrics(path):
     return knn, train
 
 
+def end_mean(train, key, last=5):
+    """Mean of `key` over the last `last` logged training rows, or None where the run does not log it."""
+    rows = train[-last:]
+    return sum(r[key] for r in rows) / len(rows) if rows and key in rows[-1] else None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the sweep's JSON (results/...)")
@@ -63,12 +69,10 @@ def main():
                "knn_curve": [[s, knn[s]] for s in steps], "steps": steps[-1],
                "loss_end": train[-1]["loss"] if train else None,
                "target_std_end": train[-1].get("target_std") if train else None,
-               # ranked regions R_1..R_{N-1} per image, mean of the last 5 logged steps (DSeq's sequences)
-               "ranked_regions_end": (sum(r["ranked_regions"] for r in train[-5:]) / len(train[-5:])
-                                      if train and "ranked_regions" in train[-1] else None),
-               # share of the samples that followed a DSeq plan (the rest: lambda's coin or < 2 regions)
-               "dseq_share_end": (sum(r["dseq_share"] for r in train[-5:]) / len(train[-5:])
-                                  if train and "dseq_share" in train[-1] else None),
+               # DSeq's sequences at the end: ranked regions R_1..R_{N-1} per image, and the share of the
+               # samples that followed a DSeq plan (the rest: lambda's coin, or < 2 regions)
+               "ranked_regions_end": end_mean(train, "ranked_regions"),
+               "dseq_share_end": end_mean(train, "dseq_share"),
                "wall_s": round(time.time() - t0, 1) if trained else old.get("wall_s")}
         out["runs"][name] = row
         print(f"[sweep] {name}: kNN {row['knn_step0']:.1f} -> {row['knn_end']:.1f} (gap {row['gap']:+.1f}), "

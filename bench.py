@@ -132,7 +132,9 @@ def get_parser():
 def blob_maps(B, grid, gen):
     """(B, P) synthetic saliency: a cross-shaped separator (the background) cuts the grid into four
     blobs of random, close levels (Otsu splits at the gap, not between blobs), each >= ~18 % of a
-    14 x 14 grid. Ranks R_1..R_4 fall on random quadrants."""
+    14 x 14 grid. Ranks R_1..R_4 fall on random quadrants. The blobs are the LARGER side of Otsu's
+    split, so their configs run the paper's saliency polarity (--saliency-polarity minority would
+    take the separator instead: one region)."""
     h, w = grid
     r = h // 2 - 1 + torch.randint(0, 2, (B, 1, 1), generator=gen)  # (B, 1, 1) separator row
     c = w // 2 - 1 + torch.randint(0, 2, (B, 1, 1), generator=gen)  # (B, 1, 1) separator column
@@ -171,7 +173,8 @@ def setup(args, targs, device):
         if (blobs and args.maps == "saliency") or (not blobs and method == "dseq" and args.maps == "blobs") \
                 or name not in (getattr(args, "configs", None) or CONFIGS):
             continue
-        cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass})
+        cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass,
+                                      "saliency_polarity": "paper" if blobs else targs.saliency_polarity})
         gen = torch.Generator(device=device).manual_seed(targs.seed)  # same plan stream per config
         cfgs[name] = dict(args=cargs, lam=lam, blobs=blobs, gen=gen)
     return models, step_models, optimizer, cfgs
@@ -366,7 +369,7 @@ def pack_time(args, targs, device, autocast):
             settings[f"k{K} rows0"] = (K, 0)
         for key, (k, rows) in settings.items():
             cargs = argparse.Namespace(**{**vars(targs), "method": method, "dseq_pass": dseq_pass, "pack_splits": k,
-                                          "pack_rows": rows})
+                                          "pack_rows": rows, "saliency_polarity": "paper"})  # blob maps: see blob_maps
             cfgs[f"{name} {key}"] = dict(args=cargs, lam=lam, blobs=blobs,
                                          gen=torch.Generator(device=device).manual_seed(targs.seed))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

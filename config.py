@@ -36,20 +36,17 @@ from plumbing import dist_info, fail  # config.fail: the one-line error of every
 # flag given on the command line still wins.
 
 PRESETS = {
-    # A few minutes on a 2-core CPU: shows every part of the method end to end.
-    # alpha 0.1 instead of the paper's 0.15: on the 8 x 8 grid 0.15 means >= 10 of 64 patches per
-    # region, and Otsu's foreground (~40 % of the patches) then holds two such regions in only
-    # ~58 % of the images; at 0.1 (>= 7 patches) ~79 % have two, so most plans have 2 steps
-    # (measured on the multi-object `synthetic` set, the demo's data before `shapes`;
-    # `evaluate.py --eval regions` measures this histogram; docs/evaluation.md "Region statistics").
-    # The recipe (docs/learning.md, results/shapes/sweep7.json): the "noisy_shapes" set (the class is
-    # the shape of grey objects under per-pixel grain, which no part of an image predicts about
-    # another), 64 px with patch 8 (the same 8 x 8 grid; a token sees enough of an outline, and at the
-    # paper's init 0.02 its content is not swamped by the positions), targets standardised over the
-    # batch (else they collapse to position), the paper's EMA; kNN every 2 epochs draws learning.png.
+    # A few minutes on a 2-core CPU, every part of the method (docs/learning.md, results/shapes/sweep7.json):
+    # "noisy_shapes" (the class is the shape of grey objects under per-pixel grain, which no part of
+    # an image predicts about another), 64 px / patch 8 (an 8 x 8 grid whose tokens see an outline),
+    # targets standardised over the batch (else they collapse to position), the paper's EMA.
+    # Regions (docs/learning.md "DSeq-JEPA's regions"): polarity "minority", as a short run's CLS
+    # parameter is random and the seed would decide whether R_1 is the objects or the grain; alpha
+    # 0.05 (>= 4 of 64 patches, not 10), so each object is a region: Eq. 5 goes object by object.
     "demo": dict(dataset="noisy_shapes", img_size=64, patch_size=8, model="micro", pred_dim=64,
                  pred_depth=3, epochs=6, batch_size=64, warmup_epochs=1, lr=2e-3, target_norm="batch",
-                 num_train=6000, num_val=1000, knn_every=2, ckpt_every=200, alpha=0.1),
+                 num_train=6000, num_val=1000, knn_every=2, ckpt_every=200, alpha=0.05,
+                 saliency_polarity="minority"),
     # Small-compute research settings: 8 x 8 patches of 4 px on 32 px images.
     "cifar10-tiny": dict(dataset="cifar10", img_size=32, patch_size=4, model="tiny", pred_dim=192,
                          pred_depth=6, epochs=100, batch_size=256, warmup_epochs=10, lr=1e-3),
@@ -135,7 +132,9 @@ def get_args_parser():
     g.add_argument("--dseq-pass", choices=["causal", "replicate"], default="causal",
                    help="causal: one block-causal pass for all of Eq. 5 (ours); replicate: one row per step (official structure, correct contexts)")
     g.add_argument("--regions", type=int, default=5, help="N, number of regions incl. background (paper: 5)")
-    g.add_argument("--alpha", type=float, default=0.15, help="drop components smaller than alpha*h*w patches (paper: 0.15; the demo preset: 0.1)")
+    g.add_argument("--alpha", type=float, default=0.15, help="drop components smaller than alpha*h*w patches (paper: 0.15; the demo preset: 0.05)")
+    g.add_argument("--saliency-polarity", choices=["paper", "minority"], default="paper", help="paper: the patches most "
+                   "aligned with the CLS parameter are the foreground; minority: the smaller side of Otsu's split (paper: paper; demo: minority)")
     g.add_argument("--saliency-layer", type=int, default=-2, help="target-encoder block for saliency (paper: -2, block 10 of 12)")
     g.add_argument("--region-order", choices=["saliency", "random", "reverse", "raster"], default="saliency",
                    help="prediction order of the ranked regions R_1..R_{N-1} (ablation; paper: saliency). reverse = the paper's "
@@ -293,18 +292,22 @@ def check_args(args, parser):
                      "on resume; for anything else use another --out-dir")
 
 
+BEFORE_FLAG = {"saliency_polarity": "paper"}  # what a config saved before the flag existed meant by it
+
+
 def flag_differences(saved, args, allowed=RESUME_FREE):
-    """Keys of args whose value differs from a run's saved config (a dict), except those in `allowed`
-    and those an older config lacks. nargs=2 flags compare as lists (tuple default, list from JSON)."""
+    """Keys of args whose value differs from a run's saved config (a dict), except those in `allowed` and those
+    an older config lacks (but BEFORE_FLAG's). nargs=2 flags compare as lists (tuple default, list from JSON)."""
     norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+    saved = {**BEFORE_FLAG, **saved}
     return [k for k, v in vars(args).items() if k not in allowed and k in saved and norm(saved[k]) != norm(v)]
 
 
 def check_resume_config(saved, args, path):
     """Stop (one line, exit 2) if a run-defining flag differs from the checkpoint's saved config.
     Flags in RESUME_FREE may always differ; RESUME_OVERRIDABLE ones when named in --resume-override.
-    Keys an older checkpoint lacks are not compared."""
-    allowed = set(RESUME_FREE) | {f.replace("-", "_").lstrip("_") for f in args.resume_override}
+    Keys an older checkpoint lacks are not compared (but BEFORE_FLAG's)."""
+    saved, allowed = {**BEFORE_FLAG, **saved}, set(RESUME_FREE) | {f.replace("-", "_").lstrip("_") for f in args.resume_override}
     for key in flag_differences(saved, args, allowed):
         value = getattr(args, key)
         flag = "--" + key.replace("_", "-")

@@ -164,7 +164,7 @@ def resolve_config(argv=None):
             config.fail(f"--{key.replace('_', '-')} {getattr(args, key)} does not match checkpoint "
                         f"{args.checkpoint}, trained with --{key.replace('_', '-')} {saved.get(key)}; drop the flag "
                         "(model flags are read from the checkpoint)")
-    for key, value in saved.items():
+    for key, value in {**config.BEFORE_FLAG, **saved}.items():  # a flag newer than the run: its old value
         if key not in given and key not in MACHINE_KEYS and hasattr(args, key):
             setattr(args, key, value)
     if "out_dir" not in given:
@@ -459,11 +459,13 @@ def finetune(encoder, args, device):
 
 
 def saliency_maps(encoder, loader, args, device, autocast):
-    """Raw CLS saliency maps of the whole split: (N, P) fp32 on the CPU, in dataset order."""
+    """CLS saliency maps of the whole split, oriented by the run's --saliency-polarity (saliency.orient):
+    (N, P) fp32 on the CPU, in dataset order."""
     def maps(images):
         with autocast:
             z = encoder.features(images, layers=(args.saliency_layer,))[0]  # (B, P, D)
-        return {"A": saliency.saliency_map(z.float(), encoder.cls_token)}  # (B, P)
+        A = saliency.saliency_map(z.float(), encoder.cls_token)  # (B, P)
+        return {"A": saliency.orient(A, args.saliency_polarity)}  # the run's polarity, so "paper" below reads it
     return extract(maps, loader, device, "saliency")[0]["A"].cpu()
 
 

@@ -129,7 +129,8 @@ def plan_picture(target_encoder, args, path, device):
     target_encoder.eval()
     z = target_encoder.features(images, layers=(args.saliency_layer,))[0].float()  # (n, P, D)
     regions, sal = saliency.discriminative_regions(z, target_encoder.cls_token.float(), grid=(h, w),
-                                                   n_regions=N, alpha=args.alpha)  # (n, P) each
+                                                   n_regions=N, alpha=args.alpha,
+                                                   polarity=args.saliency_polarity)  # (n, P) each
     target_encoder.train(was_training)
     regions, sal = regions.cpu(), sal.float().cpu()
     ranked = regions.masked_fill(regions >= N, 0).amax(1)  # (n,) K, the ranked regions of each image

@@ -7,6 +7,8 @@ Read next to the paper's discriminative region generation:
          then 8-connected components, components with area < alpha*h*w are dropped
   Eq. 3  score(R) = mean of A~ over R; the N-1 best components are R_1..R_{N-1},
          everything else is the background R_N.
+  --saliency-polarity minority (the demo's; `orient`): first negate A where the foreground is the
+         larger side of Otsu's split, so R_1 is never the ground (a short run's q is a coin flip).
 
 The official code runs this per image with OpenCV on the CPU (a host sync every step). Here every
 step is batched tensor code: no loop over images, no .item()/.cpu(), so it runs on whatever device
@@ -35,6 +37,38 @@ def normalise(A):
     A = A.float()
     lo, hi = A.amin(1, keepdim=True), A.amax(1, keepdim=True)         # (B, 1)
     return (A - lo) / (hi - lo + 1e-6)
+
+
+def otsu_foreground(A):
+    """Eq. 1 then Eq. 2: A (B, P) raw saliency -> (A~ (B, P) fp32, foreground (B, P) bool)."""
+    sal = normalise(A)                                                 # (B, P)
+    u8 = (sal * 255).to(torch.uint8)                                   # truncation, as numpy astype
+    return sal, u8 > otsu_threshold(u8)[:, None].to(torch.uint8)       # value > threshold
+
+
+POLARITIES = ("paper", "minority")
+
+
+def orient(A, polarity="paper"):
+    """Which side of Otsu's split is the foreground. A: (B, P) raw saliency -> (B, P).
+
+    paper: A as it is: the patches most aligned with the CLS query q are salient.
+    minority (--saliency-polarity minority): A negated in every image whose paper foreground covers
+    more than half of its patches, so the foreground, and R_1, is the SMALLER side of the split.
+    Why: the paper's q is a learned parameter that, in a short run, stays near its random init
+    (issue #14), so the sign of <q, z_object - z_background> is the init's coin: measured on the
+    demo (docs/learning.md), a seed whose R_1 ends on the grain background predicts the objects
+    from noise and its target encoder collapses, one whose R_1 ends on the objects does not. A
+    figure is smaller than its ground (the prior LOST's seed patch relies on: fewest similar
+    patches), so taking the smaller side fixes the sign without labels. Every other step of the
+    rule (Eq. 1-3, alpha, N) is the paper's, applied to the oriented map."""
+    if polarity == "paper":
+        return A
+    if polarity != "minority":
+        raise ValueError(f"unknown saliency polarity {polarity!r}: use {' or '.join(POLARITIES)}")
+    _, fg = otsu_foreground(A)                                         # (B, P)
+    flip = 2 * fg.sum(1, keepdim=True) > fg.shape[1]                   # (B, 1) foreground > half
+    return torch.where(flip, -A, A)                                    # (B, P)
 
 
 def otsu_threshold(u8):
@@ -165,20 +199,18 @@ def connected_components(fg, early_exit=None):
 
 
 @torch.no_grad()
-def regions_from_saliency(A, grid, n_regions=5, alpha=0.15):
+def regions_from_saliency(A, grid, n_regions=5, alpha=0.15, polarity="paper"):
     """Ranked regions from a raw saliency map A: (B, P), P = h*w in raster order (CLS or Grad-CAM
-    saliency). n_regions = N, alpha = area filter as a fraction of the grid. Returns regions
-    (B, P) int64 (1..K_b for R_1..R_{K_b}, K_b <= N-1, N for the background R_N) and the
-    normalised map A~ (B, P) fp32."""
+    saliency). n_regions = N, alpha = area filter as a fraction of the grid, polarity = orient's.
+    Returns regions (B, P) int64 (1..K_b for R_1..R_{K_b}, K_b <= N-1, N for the background R_N)
+    and the normalised map A~ (B, P) fp32 of the oriented map."""
     h, w = grid
     B, P = A.shape
     if P != h * w:
         raise ValueError(f"saliency has {P} patches but grid {h}x{w} has {h * w}; pass grid=(h, w)")
     N = n_regions
     # 1. Eq. 1, then Eq. 2's 8-bit map (truncation, as numpy astype) and Otsu foreground.
-    sal = normalise(A)                                                 # (B, P)
-    u8 = (sal * 255).to(torch.uint8)
-    fg = u8 > otsu_threshold(u8)[:, None].to(torch.uint8)              # (B, P) value > threshold
+    sal, fg = otsu_foreground(orient(A, polarity))                     # (B, P) each
     # 2. 8-connected components: root run id of each patch (K run slots; root K = background).
     root, K = _component_roots(fg.reshape(B, h, w))                    # (B, P) in 0..K
     # 3. Area filter (area < alpha*h*w is dropped, compared in float64 like the official code;
@@ -205,7 +237,7 @@ def regions_from_saliency(A, grid, n_regions=5, alpha=0.15):
 
 
 @torch.no_grad()
-def discriminative_regions(z, cls_token, grid, n_regions=5, alpha=0.15):
+def discriminative_regions(z, cls_token, grid, n_regions=5, alpha=0.15, polarity="paper"):
     """z: (B, P, D) target-encoder block -2 patch features (final norm applied, CLS removed);
     cls_token: (1, 1, D) or (D,). Returns (regions (B, P) int64, A~ (B, P) fp32)."""
-    return regions_from_saliency(saliency_map(z, cls_token), grid, n_regions, alpha)
+    return regions_from_saliency(saliency_map(z, cls_token), grid, n_regions, alpha, polarity)

@@ -153,9 +153,9 @@ def check_pretraining(out, train_argv):
     """Stop (sys.exit, one line) if the pretraining in out/ was made with other run-defining flags than
     train_argv asks for: the flags train.py refuses to resume with another value (all but
     config.RESUME_FREE: device, amp, compile, --pack-splits, logging, ...). Keys its config.json
-    lacks (an older run) are not compared."""
+    lacks (an older run) are not compared, except config.BEFORE_FLAG's (read as their old value)."""
     with open(os.path.join(out, "config.json")) as f:
-        saved = json.load(f)
+        saved = {**config.BEFORE_FLAG, **json.load(f)}  # a flag newer than the run reads as its old value
     wanted = config.parse_args(train_argv + ["--out-dir", out])
     bad = config.flag_differences(saved, wanted)
     if bad:

@@ -103,7 +103,7 @@ def make_targets(target_encoder, images, args):
     if args.method == "dseq" and args.region_source == "saliency":
         regions, _ = saliency.discriminative_regions(z_sal.float(), target_encoder.cls_token.float(),
                                                      grid=target_encoder.grid, n_regions=args.regions,
-                                                     alpha=args.alpha)  # (B, P)
+                                                     alpha=args.alpha, polarity=args.saliency_polarity)  # (B, P)
         ranked = (regions < args.regions).float()  # (B, P), patch lies in some R_1..R_{N-1}
         stats["ranked_regions"] = regions.masked_fill(regions >= args.regions, 0).amax(1).float().mean()
         stats["salient_share"] = ranked.mean()

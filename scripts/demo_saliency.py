@@ -6,9 +6,11 @@ Why does the demo find ~1 ranked region per image at some seeds? Histograms and 
 For every checkpoint (trained demo runs, any method):
   1. `evaluate.py --eval regions` at --alphas: the histogram of ranked regions per held-out image,
      the positional share of the saliency variance, and the share of plans each ablation flag changes;
-  2. what the CLS saliency looks at, on the first --images held-out images:
+  2. what the CLS saliency looks at (oriented by the run's --saliency-polarity), on the first
+     --images held-out images:
      - r1_on_object: the share of R_1's patches that hold object pixels (any of the 3-4 objects),
        next to object_patches, the share of ALL patches that do (what a region placed at random gets);
+       r1_of_objects / r1_of_ground: the share of object / of ground patches that lie in R_1;
      - the same ranked-region count and positional share with the background painted flat grey
        (objects unchanged): does cleaner, higher-contrast data change the regions?
      - the same with another query (NOT the paper's): each image's own CLS token output at block -2
@@ -47,11 +49,11 @@ def diagnose(path, alphas, n_images):
                                 ",".join(map(str, alphas)), "--num-workers", "0", "--device", "cpu",
                                 "--out-dir", tmp, "--eval-name", "regions"])
     args, ckpt = evaluate.resolve_config(["--checkpoint", path, "--device", "cpu"])
-    if args.dataset != "synthetic":
-        sys.exit(f"error: {path} was not trained on the synthetic set (the diagnosis needs its object masks)")
+    if args.dataset not in data.BUILT_IN:
+        sys.exit(f"error: {path} was not trained on a built-in shapes set (the diagnosis needs its object masks)")
     encoder = evaluate.load_target_encoder(ckpt, args, path)
     h, w = encoder.grid
-    ds = data.SyntheticShapes("val", args.img_size, args.num_val, seed=0)
+    ds, _ = data.build_dataset(args.dataset, split="val", img_size=args.img_size, synthetic_size=args.num_val)
     images, masks = ds._render(np.arange(min(n_images, len(ds))))  # (n, 3, S, S) uint8, (n, 4, S, S) bool
     on_object = masks.any(1)  # (n, S, S) any object's pixels
     flat = np.where(on_object[:, None], images, 128).astype(np.uint8)  # background painted flat grey
@@ -71,12 +73,15 @@ def diagnose(path, alphas, n_images):
             A = (z @ t[:, 0, :, None])[..., 0] / z.shape[-1] ** 0.5  # (n, P)
         else:
             A = saliency.saliency_map(z, encoder.cls_token)  # (n, P) Eq. 1's A, as in training
+        A = saliency.orient(A, args.saliency_polarity)  # the run's --saliency-polarity, as in training
         stats = region_stats.region_statistics(A, (h, w), [args.alpha], args.regions)[args.alpha]
         regions, _ = saliency.regions_from_saliency(A, (h, w), args.regions, args.alpha)  # (n, P)
         top = regions == 1  # (n, P) R_1
         out[name] = {"alpha": args.alpha, "ranked_mean": stats["ranked_mean"],
                      "positional_share": stats["positional_share"],
-                     "r1_on_object": ((top & object_patch).sum() / top.sum().clamp_min(1)).item()}
+                     "r1_on_object": ((top & object_patch).sum() / top.sum().clamp_min(1)).item(),
+                     "r1_of_objects": (top & object_patch).sum().item() / max(1, object_patch.sum().item()),
+                     "r1_of_ground": (top & ~object_patch).sum().item() / max(1, (~object_patch).sum().item())}
     seed = json.load(open(os.path.join(os.path.dirname(path), "config.json")))["seed"]
     torch.manual_seed(seed)  # train.py: torch.manual_seed(args.seed); build_models(args)
     init, _, _ = train.build_models(args)
@@ -89,7 +94,7 @@ def diagnose(path, alphas, n_images):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of synthetic-set runs")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of runs on a built-in shapes set")
     p.add_argument("--alphas", default="0.03,0.05,0.075,0.1,0.15", help="area filters for the histograms")
     p.add_argument("--images", type=int, default=500, help="held-out images for the diagnosis (step 2)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -99,12 +104,12 @@ def main(argv=None):
     rows = [diagnose(c, alphas, args.images) for c in args.checkpoints]
     print(f"\nmean ranked regions per held-out image (K) at each alpha; the rest at the run's alpha, {args.images} images")
     print(f"{'checkpoint':<44} " + " ".join(f"{'K@' + str(a):>7}" for a in alphas)
-          + "  pos_share  R1-on-obj (chance)  flat-bg K  cls-out K  cls-out R1-on-obj  cos(q,q0)")
+          + "  pos_share  R1-on-obj (chance)  P(R1|ground)  flat-bg K  cls-out K  cls-out R1-on-obj  cos(q,q0)")
     for r in rows:
         ks = [r["regions"][str(a)]["ranked_mean"] for a in alphas]
         print(f"{r['checkpoint'][-44:]:<44} " + " ".join(f"{k:>7.2f}" for k in ks)
               + f"  {r['as_is']['positional_share']:>9.3f}  {r['as_is']['r1_on_object']:.2f} ({r['object_patches']:.2f})"
-              + f"        {r['flat_background']['ranked_mean']:>5.2f}      {r['cls_output_query']['ranked_mean']:>5.2f}"
+              + f"        {r['as_is']['r1_of_ground']:>12.2f}  {r['flat_background']['ranked_mean']:>9.2f}      {r['cls_output_query']['ranked_mean']:>5.2f}"
               + f"              {r['cls_output_query']['r1_on_object']:.2f}      {r['cls_cos_to_init']:.3f}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

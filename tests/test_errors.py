@@ -141,6 +141,28 @@ def test_resume_override_and_free_flags_continue_the_run(run_dir, tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["epochs"] == 3
 
 
+def test_a_config_older_than_the_polarity_flag_reads_as_the_paper_polarity(capsys):
+    """A demo checkpoint saved before --saliency-polarity existed was trained with the paper's; the
+    demo preset's "minority" must then be a resume mismatch (and evaluate.py reads "paper")."""
+    args = config.parse_args([])
+    assert args.saliency_polarity == "minority"
+    old = {k: v for k, v in vars(args).items() if k != "saliency_polarity"}
+    assert config.flag_differences(old, args) == ["saliency_polarity"]
+    assert config.flag_differences({**old, "saliency_polarity": "minority"}, args) == []
+    line = one_line_exit_2(capsys, lambda: config.check_resume_config(old, args, "ckpt.pt"))
+    assert "--saliency-polarity minority differs from the checkpoint ckpt.pt being resumed (--saliency-polarity paper)" in line
+    assert config.parse_args(["--preset", "in1k-vit-base", "--data-path", "x"]).saliency_polarity == "paper"
+
+
+def test_evaluate_reads_an_older_demo_checkpoint_with_the_paper_polarity(run_dir, tmp_path):
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    assert ckpt["config"].pop("saliency_polarity") == "minority"  # today's demo run
+    path = str(tmp_path / "older.pt")
+    torch.save(ckpt, path)
+    assert evaluate.resolve_config(["--checkpoint", path])[0].saliency_polarity == "paper"
+    assert evaluate.resolve_config(["--checkpoint", os.path.join(run_dir, "checkpoint.pt")])[0].saliency_polarity == "minority"
+
+
 def test_default_out_dirs_differ_per_readme_command():
     demo, ijepa = config.parse_args([]), config.parse_args(["--method", "ijepa"])
     replicate = config.parse_args(["--dseq-pass", "replicate"])

@@ -438,7 +438,7 @@ def test_top_region_object_overlap_scores_the_object(trained, tmp_path, monkeypa
     obj = torch.stack([ds.object_mask(i) for i in range(64)]).float().view(64, 4, 4, 4, 4).mean((2, 4)).flatten(1) >= 0.5
 
     def fake(top):
-        return lambda z, cls, grid, n_regions, alpha: (torch.where(top, 1, n_regions), top.float())
+        return lambda z, cls, grid, n_regions, alpha, polarity: (torch.where(top, 1, n_regions), top.float())
 
     monkeypatch.setattr(pictures.saliency, "discriminative_regions", fake(obj))
     out = pictures.plan_picture(enc, args, str(tmp_path / "a.png"), "cpu")

@@ -355,6 +355,48 @@ def test_degenerate_maps():
     assert (saliency.regions_from_saliency(A, (14, 14), n_regions=1)[0] == 1).all()
 
 
+# ---------------------------------------------------------------- --saliency-polarity minority
+def test_minority_polarity_is_the_paper_rule_on_the_map_negated_where_its_foreground_is_larger():
+    """Oracle, one image at a time with cv2: the paper's foreground larger than half the grid ->
+    negate the raw map; then the whole OpenCV reference extractor. Otsu levels pinned to the
+    lowest optimum in both (OpenCV's pick on an exact tie is rounding noise)."""
+    rng = np.random.default_rng(11)
+    flipped = total = 0
+    for grid in [(8, 8), (14, 14), (16, 9)]:
+        A = np.concatenate([make(rng, 16, *grid) for make in KINDS.values()]).astype(np.float32)
+        want = np.empty(A.shape, np.int64)
+        for b, (a, u8) in enumerate(zip(A, u8_maps(A, grid))):
+            larger = 2 * (lowest_level_threshold(u8)[1] > 0).sum() > u8.size
+            flipped += int(larger)
+            want[b] = opencv_regions_reference((-a if larger else a)[None], grid, 5, 0.1,
+                                               threshold=lowest_level_threshold)[0]
+        got = saliency.regions_from_saliency(torch.from_numpy(A), grid, 5, 0.1, polarity="minority")[0]
+        assert np.array_equal(got.numpy(), want)
+        total += len(A)
+    assert 0.2 * total < flipped < 0.8 * total  # both branches are exercised
+
+
+def test_minority_polarity_takes_the_small_dark_object_the_paper_rule_misses():
+    """A small object whose features score LOW against q on a high, noisy ground: the paper's R_1 is
+    the ground around it; minority's R_1 is the object, as it is for the same object scoring high."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.rand(2, 8, 8, generator=g) * 0.2 + 1.0                  # ground near 1
+    A[0, 2:5, 3:6] = -1.0                                             # a 3 x 3 object, low
+    A[1, 2:5, 3:6] = 3.0                                              # the same object, high
+    obj = torch.zeros(8, 8, dtype=torch.bool)
+    obj[2:5, 3:6] = True
+    paper = saliency.regions_from_saliency(A.flatten(1), (8, 8), 5, 0.1)[0].view(2, 8, 8)
+    minority, sal = saliency.regions_from_saliency(A.flatten(1), (8, 8), 5, 0.1, polarity="minority")
+    minority = minority.view(2, 8, 8)
+    assert (paper[0][~obj] == 1).all() and (paper[0][obj] == 5).all()   # the ground is "salient"
+    assert torch.equal(paper[1], minority[1])                            # already the smaller side
+    for r in minority:
+        assert (r[obj] == 1).all() and (r[~obj] == 5).all()
+    assert torch.equal(saliency.orient(A.flatten(1), "paper"), A.flatten(1))
+    with pytest.raises(ValueError, match="polarity"):
+        saliency.orient(A.flatten(1), "majority")
+
+
 # ---------------------------------------------------------------- API
 def test_discriminative_regions_api():
     """A = <q, z_j>/sqrt(D) in fp32 (also under autocast), CLS as (1, 1, D) or (D,), any grid."""

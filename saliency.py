@@ -7,8 +7,8 @@ Read next to the paper's discriminative region generation:
          then 8-connected components, components with area < alpha*h*w are dropped
   Eq. 3  score(R) = mean of A~ over R; the N-1 best components are R_1..R_{N-1},
          everything else is the background R_N.
-  --saliency-polarity minority (the demo's; `orient`): first negate A where the foreground is the
-         larger side of Otsu's split, so R_1 is never the ground (a short run's q is a coin flip).
+  --saliency-polarity minority (not the paper's; `orient`): first negate A where the foreground is
+         the larger side of Otsu's split, so R_1 is never the ground (a short run's q is a coin flip).
 
 The official code runs this per image with OpenCV on the CPU (a host sync every step). Here every
 step is batched tensor code: no loop over images, no .item()/.cpu(), so it runs on whatever device
@@ -56,12 +56,11 @@ def orient(A, polarity="paper"):
     minority (--saliency-polarity minority): A negated in every image whose paper foreground covers
     more than half of its patches, so the foreground, and R_1, is the SMALLER side of the split.
     Why: the paper's q is a learned parameter that, in a short run, stays near its random init
-    (issue #14), so the sign of <q, z_object - z_background> is the init's coin: measured on the
-    demo (docs/learning.md), a seed whose R_1 ends on the grain background predicts the objects
-    from noise and its target encoder collapses, one whose R_1 ends on the objects does not. A
-    figure is smaller than its ground (the prior LOST's seed patch relies on: fewest similar
-    patches), so taking the smaller side fixes the sign without labels. Every other step of the
-    rule (Eq. 1-3, alpha, N) is the paper's, applied to the oriented map."""
+    (issue #14), so the sign of <q, z_object - z_background> is the init's coin: on the demo
+    (docs/learning.md) a seed whose R_1 ends on the grain predicts the objects from noise and its
+    target encoder collapses. A figure is smaller than its ground (the prior behind LOST's seed
+    patch, the one with the fewest similar patches), so taking the smaller side fixes the sign
+    without labels. Every other step (Eq. 1-3, alpha, N) is the paper's, on the oriented map."""
     if polarity == "paper":
         return A
     if polarity != "minority":

@@ -8,9 +8,9 @@ Each variant is one `python train.py` run (the demo preset unless --base says ot
 0: the random-init level at the SAME init) and of the target encoder every few epochs. The JSON
 keeps per variant: the exact command, kNN at step 0 and at the end, the gap, the curve, the last
 loss and target_std. A finished run (seeds.pretraining_complete: its checkpoint and the end-of-run
-kNN line) is reused, so a
-sweep that stopped can be rerun with the same command. One seed per variant: a sweep finds
-candidates; the seeds table (seeds.py) measures the one that is chosen.
+kNN line) is reused, so a sweep that stopped can be rerun with the same command; one trained with
+other flags (another --base, or a preset that changed since) stops the sweep with an error. One seed
+per variant: a sweep finds candidates; the seeds table (seeds.py) measures the one that is chosen.
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository
-from seeds import pretraining_complete  # noqa: E402  (checkpoint.pt + the end-of-run kNN line)
+from seeds import check_pretraining, pretraining_complete  # noqa: E402  (checkpoint.pt + the end-of-run kNN line)
 
 
 def read_metrics(path):
@@ -59,6 +59,8 @@ def main():
                "--knn-every", str(a.knn_every), "--no-picture", "--out-dir", run_dir]
         t0, old = time.time(), out["runs"].get(name, {})
         trained = not pretraining_complete(os.path.join(ROOT, run_dir)) or old.get("flags") != flags
+        if not trained:  # reused only if trained with these flags: a changed --base or preset is an error
+            check_pretraining(os.path.join(ROOT, run_dir), cmd[2:])
         if trained:
             print(f"[sweep] {name}: {shlex.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

@@ -142,25 +142,28 @@ def test_resume_override_and_free_flags_continue_the_run(run_dir, tmp_path):
 
 
 def test_a_config_older_than_the_polarity_flag_reads_as_the_paper_polarity(capsys):
-    """A demo checkpoint saved before --saliency-polarity existed was trained with the paper's; the
-    demo preset's "minority" must then be a resume mismatch (and evaluate.py reads "paper")."""
-    args = config.parse_args([])
-    assert args.saliency_polarity == "minority"
+    """A checkpoint saved before --saliency-polarity existed was trained with the paper's; resuming it
+    with "minority" must then be a mismatch (and evaluate.py reads "paper")."""
+    args = config.parse_args(["--saliency-polarity", "minority"])
     old = {k: v for k, v in vars(args).items() if k != "saliency_polarity"}
     assert config.flag_differences(old, args) == ["saliency_polarity"]
     assert config.flag_differences({**old, "saliency_polarity": "minority"}, args) == []
     line = one_line_exit_2(capsys, lambda: config.check_resume_config(old, args, "ckpt.pt"))
     assert "--saliency-polarity minority differs from the checkpoint ckpt.pt being resumed (--saliency-polarity paper)" in line
-    assert config.parse_args(["--preset", "in1k-vit-base", "--data-path", "x"]).saliency_polarity == "paper"
+    for preset in config.PRESETS:  # the paper's rule is every preset's
+        assert config.parse_args(["--preset", preset, "--data-path", "x"]).saliency_polarity == "paper"
 
 
-def test_evaluate_reads_an_older_demo_checkpoint_with_the_paper_polarity(run_dir, tmp_path):
+def test_evaluate_reads_an_older_checkpoint_with_the_paper_polarity_whatever_the_preset(run_dir, tmp_path, monkeypatch):
+    """Were a preset to turn "minority" on, a run saved before the flag must still read as the paper's."""
+    monkeypatch.setitem(config.PRESETS["demo"], "saliency_polarity", "minority")
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    assert ckpt["config"].pop("saliency_polarity") == "minority"  # today's demo run
-    path = str(tmp_path / "older.pt")
-    torch.save(ckpt, path)
-    assert evaluate.resolve_config(["--checkpoint", path])[0].saliency_polarity == "paper"
-    assert evaluate.resolve_config(["--checkpoint", os.path.join(run_dir, "checkpoint.pt")])[0].saliency_polarity == "minority"
+    assert ckpt["config"].pop("saliency_polarity") == "paper"
+    older, newer = str(tmp_path / "older.pt"), str(tmp_path / "newer.pt")
+    torch.save(ckpt, older)
+    torch.save({**ckpt, "config": {**ckpt["config"], "saliency_polarity": "minority"}}, newer)
+    assert evaluate.resolve_config(["--checkpoint", older])[0].saliency_polarity == "paper"
+    assert evaluate.resolve_config(["--checkpoint", newer])[0].saliency_polarity == "minority"
 
 
 def test_default_out_dirs_differ_per_readme_command():

@@ -102,13 +102,14 @@ def test_ablation_table_changes_one_flag_each_of_the_default_demo_run():
         assert c["eval"][:2] == ["--eval", "knn,linear,regions"] and "--probe-whiten" in c["eval"]
 
 
-def test_a_run_older_than_the_polarity_flag_is_not_reused_for_the_demo(tmp_path):
-    """Its config.json lacks saliency_polarity: it was trained with the paper's, not the demo's minority."""
+def test_a_run_older_than_the_polarity_flag_is_not_reused_for_minority(tmp_path):
+    """Its config.json lacks saliency_polarity: it was trained with the paper's polarity."""
     (tmp_path / "config.json").write_text(json.dumps({"epochs": 6}))
-    with pytest.raises(SystemExit, match="--saliency-polarity paper but this table asks for minority"):
-        seeds.check_pretraining(str(tmp_path), [])
-    (tmp_path / "config.json").write_text(json.dumps({"epochs": 6, "saliency_polarity": "minority"}))
     seeds.check_pretraining(str(tmp_path), [])
+    with pytest.raises(SystemExit, match="--saliency-polarity paper but this table asks for minority"):
+        seeds.check_pretraining(str(tmp_path), ["--saliency-polarity", "minority"])
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 6, "saliency_polarity": "minority"}))
+    seeds.check_pretraining(str(tmp_path), ["--saliency-polarity", "minority"])
 
 
 def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tmp_path, monkeypatch):
@@ -124,8 +125,7 @@ def test_aggregate_runs_nothing_and_takes_knn_from_an_unevaluated_pretraining(tm
     for s, knn in ((0, 60.0), (1, 70.0)):
         d = runs / "m" / f"seed{s}"
         d.mkdir(parents=True)
-        # TRAIN's; other keys absent (an older run), but the polarity: absent, it would read as the paper's
-        (d / "config.json").write_text(json.dumps({"epochs": 1, "saliency_polarity": "minority"}))
+        (d / "config.json").write_text(json.dumps({"epochs": 1}))  # TRAIN's; other keys absent (an older run)
         (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
             {"step": 5, "epoch": 0, "knn_top1": 1.0}, {"step": 9, "loss": 0.1, "target_std": knn / 100},
             {"step": 10, "epoch": 1, "knn_top1": knn}]))

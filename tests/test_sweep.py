@@ -33,6 +33,11 @@ def test_sweep_records_each_variant_and_reuses_finished_runs(tmp_path):
     rerun = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     assert "train.py" not in rerun.stdout  # nothing trained again
     assert json.loads(out.read_text())["runs"] == first["runs"]
+    # the same variants under another --base: the finished runs are not theirs, an error, not a reuse
+    changed = [c if c != BASE else BASE + " --seed 1" for c in cmd]
+    bad = subprocess.run(changed, cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "was trained with --seed 0 but this table asks for 1" in bad.stderr, bad.stderr
+    assert json.loads(out.read_text())["runs"] == first["runs"]
 
 
 def test_supervised_bound_trains_the_pretraining_encoder_for_the_pretraining_steps(tmp_path):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import data
 import model as vit
 import plumbing
+import saliency
 from plumbing import dist_info, fail  # config.fail: the one-line error of every script
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def get_args_parser():
                    help="causal: one block-causal pass for all of Eq. 5 (ours); replicate: one row per step (official structure, correct contexts)")
     g.add_argument("--regions", type=int, default=5, help="N, number of regions incl. background (paper: 5)")
     g.add_argument("--alpha", type=float, default=0.15, help="drop components smaller than alpha*h*w patches (paper: 0.15; the demo preset: 0.1)")
-    g.add_argument("--saliency-polarity", choices=["paper", "minority"], default="paper", help="paper: the patches most "
+    g.add_argument("--saliency-polarity", choices=saliency.POLARITIES, default="paper", help="paper: the patches most "
                    "aligned with the CLS parameter are the foreground; minority: the smaller side of Otsu's split (paper and every preset: paper)")
     g.add_argument("--saliency-layer", type=int, default=-2, help="target-encoder block for saliency (paper: -2, block 10 of 12)")
     g.add_argument("--region-order", choices=["saliency", "random", "reverse", "raster"], default="saliency",
